@@ -1,0 +1,1 @@
+"""Golden-output regression harness: cases, runner, backends, filters, goldens."""
