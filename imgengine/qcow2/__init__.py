@@ -1,0 +1,1 @@
+"""The qcow2 format driver: on-disk format, mapping, refcounts, cache, check."""
