@@ -1,0 +1,53 @@
+"""The `engine` backend: the pyqemu front ends called in-process.
+
+`pyqemu.img.run` / `pyqemu.io.run` get string buffers for stdin, stdout and
+stderr (one shared buffer when stderr is merged), which is the same text the
+`pyqemu-*` processes print, without a process start per step. An exception
+escaping `run` is printed as a traceback on its stderr with status 1, the
+way the process would die, so the transcript diff shows where it happened.
+"""
+
+from __future__ import annotations
+
+import io
+import traceback
+from collections.abc import Callable
+from typing import TextIO
+
+from harness.backends.base import Backend, BackendError, Result
+from harness.schema import QEMU_IMG, QEMU_IO
+
+EntryPoint = Callable[[list[str], TextIO, TextIO, TextIO], int]
+
+
+class EngineBackend(Backend):
+    name = "engine"
+
+    def __init__(self) -> None:
+        self._entry_points: dict[str, EntryPoint] | None = None
+
+    def _entry(self, tool: str) -> EntryPoint:
+        if self._entry_points is None:
+            try:
+                from pyqemu import img
+                from pyqemu import io as pyqemu_io
+
+                self._entry_points = {QEMU_IMG: img.run, QEMU_IO: pyqemu_io.run}
+            except Exception as error:  # any import failure is a broken front end
+                raise BackendError(
+                    "the engine backend calls pyqemu.img.run and pyqemu.io.run, which "
+                    f"cannot be imported: {type(error).__name__}: {error}") from error
+        return self._entry_points[tool]
+
+    def run(self, tool: str, argv: list[str], *, cwd: str, merge_stderr: bool) -> Result:
+        entry = self._entry(tool)
+        stdout = io.StringIO()
+        stderr = stdout if merge_stderr else io.StringIO()
+        try:
+            status = entry(list(argv), io.StringIO(""), stdout, stderr)
+        except (Exception, SystemExit):
+            stderr.write(traceback.format_exc())
+            status = 1
+        return Result(stdout=stdout.getvalue(),
+                      stderr="" if merge_stderr else stderr.getvalue(),
+                      status=status if isinstance(status, int) else 1)

@@ -1,0 +1,55 @@
+"""Backends that start real processes, through `sh`: one process per step,
+stdin empty, stdout a pipe (never a terminal), run in the case's directory."""
+
+from __future__ import annotations
+
+import shutil
+from abc import abstractmethod
+
+import sh
+
+from harness.backends.base import Backend, BackendError, Result
+
+
+class ProcessBackend(Backend):
+    """Runs each tool as the program `programs()` names for it."""
+
+    @abstractmethod
+    def programs(self) -> dict[str, str | None]:
+        """tool -> the program's path, or None where it cannot be found."""
+
+    def missing_program_message(self, tool: str) -> str:
+        return f"{tool} not found"
+
+    def __init__(self) -> None:
+        self._commands: dict[str, sh.Command] = {}
+
+    def _command(self, tool: str) -> sh.Command:
+        command = self._commands.get(tool)
+        if command is None:
+            program = self.programs().get(tool)
+            if program is None:
+                raise BackendError(self.missing_program_message(tool))
+            command = self._commands[tool] = sh.Command(program)
+        return command
+
+    def run(self, tool: str, argv: list[str], *, cwd: str, merge_stderr: bool) -> Result:
+        command = self._command(tool)
+        try:
+            process = command(*argv, _cwd=cwd, _in="", _tty_out=False, _return_cmd=True,
+                              _err_to_out=merge_stderr, _ok_code=range(256))
+            stdout, stderr, status = process.stdout, process.stderr, process.exit_code
+        except sh.ErrorReturnCode as died:  # killed by a signal
+            stdout, stderr, status = died.stdout, died.stderr, died.exit_code
+            note = f"{tool}: killed by signal {-status}\n".encode()
+            if merge_stderr:
+                stdout += note
+            else:
+                stderr += note
+        return Result(stdout=stdout.decode("utf-8", "replace"),
+                      stderr=(stderr or b"").decode("utf-8", "replace"),
+                      status=status)
+
+
+def which(name: str) -> str | None:
+    return shutil.which(name)
