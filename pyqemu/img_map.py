@@ -1,0 +1,182 @@
+"""qemu-img map: the allocation of every range, human or JSON.
+
+The walk is img_map's: ask the engine for one step of block status through
+the chain (BlockNode.map_entry), merge steps that continue each other, print.
+The human format treats every range without plain data as a hole, which lets
+it merge more, exactly as QEMU does.
+"""
+
+# QEMU's printf formats are reproduced as printf formats on purpose.
+# ruff: noqa: UP031
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyqemu.getopt import REQUIRED_ARGUMENT, LongOption
+from pyqemu.img import FORCE_SHARE, FORMAT, HELP, IMAGE_OPTS, OBJECT, OUTPUT, Exit, ImgTool
+from pyqemu.img_create import cvtnum
+from pyqemu.img_open import open_image
+
+START_OFFSET = LongOption("start-offset", REQUIRED_ARGUMENT, "s")
+MAX_LENGTH = LongOption("max-length", REQUIRED_ARGUMENT, "l")
+
+
+@dataclass
+class Entry:
+    start: int
+    length: int
+    depth: int = 0
+    present: bool = False
+    zero: bool = False
+    data: bool = False
+    offset: int | None = None
+    filename: str | None = None
+
+    def continued_by(self, other: Entry) -> bool:
+        """entry_mergeable: does other carry on where this entry ends?"""
+        if self.length == 0:
+            return False
+        if (self.zero, self.data, self.depth, self.present) != \
+                (other.zero, other.data, other.depth, other.present):
+            return False
+        if (self.filename is None) != (other.filename is None):
+            return False
+        if (self.offset is None) != (other.offset is None):
+            return False
+        if self.filename is not None and self.filename != other.filename:
+            return False
+        if self.offset is not None and self.offset + self.length != other.offset:
+            return False
+        return True
+
+
+def _hex(value: int) -> str:
+    """C's %#-16x: 0x-prefixed, left-justified, but a bare 0 for zero."""
+    text = "0" if value == 0 else "%#x" % value
+    return text.ljust(16)
+
+
+def _json(entry: Entry) -> str:
+    text = ('{ "start": %d, "length": %d, "depth": %d, "present": %s, "zero": %s, "data": %s'
+            % (entry.start, entry.length, entry.depth, _bool(entry.present),
+               _bool(entry.zero), _bool(entry.data)))
+    if entry.offset is not None:
+        text += ', "offset": %d' % entry.offset
+    return text + "}"
+
+
+def _bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def main(tool: ImgTool, argv: list[str]) -> int:
+    fmt: str | None = None
+    output: str | None = None
+    image_opts = False
+    force_share = False
+    start_offset = 0
+    max_length = -1
+    parser = tool.getopt(argv, ":f:s:l:hU", (HELP, FORMAT, OUTPUT, OBJECT, IMAGE_OPTS,
+                                             FORCE_SHARE, START_OFFSET, MAX_LENGTH))
+    for option, value in parser:
+        if option in (":", "?"):
+            raise tool.bad_option(parser, option)
+        if option == "h":
+            raise tool.help()
+        if option == "f":
+            fmt = value
+        elif option == "U":
+            force_share = True
+        elif option == "output":
+            output = value
+        elif option == "s":
+            start_offset = cvtnum(tool, "start offset", value or "")
+        elif option == "l":
+            max_length = cvtnum(tool, "max length", value or "")
+        elif option == "image-opts":
+            image_opts = True
+        elif option == "object":
+            tool.error("--object is not supported by this qemu-img (pyqemu)")
+            return 1
+    if parser.optind != len(parser.argv) - 1:
+        raise tool.error_exit("Expecting one image file name")
+    filename = parser.argv[parser.optind]
+    if output is not None and output not in ("json", "human"):
+        tool.error("--output must be used with human or json as argument.")
+        return 1
+    as_json = output == "json"
+
+    node = open_image(tool, filename, fmt, image_opts, read_only=True, force_share=force_share)
+    try:
+        return _walk(tool, node, filename, as_json, start_offset, max_length)
+    finally:
+        node.close()
+
+
+def _walk(tool: ImgTool, node: object, filename: str, as_json: bool, start_offset: int,
+          max_length: int) -> int:
+    import imgengine
+
+    if as_json:
+        tool.out("[")
+    else:
+        tool.out("%-16s%-16s%-16s%s\n" % ("Offset", "Length", "Mapped to", "File"))
+    try:
+        length = node.length()  # type: ignore[attr-defined]
+    except (imgengine.ImageError, OSError):
+        tool.error(f"Failed to get size for '{filename}'")
+        return 1
+    if max_length != -1:
+        length = min(start_offset + max_length, length)
+
+    current = Entry(start_offset, 0)
+    while current.start + current.length < length:
+        offset = current.start + current.length
+        try:
+            step = node.map_entry(offset, length - offset)  # type: ignore[attr-defined]
+        except (imgengine.ImageError, OSError) as error:
+            tool.error(f"Could not read file metadata: {_strerror(error)}")
+            return 1
+        following = Entry(step.start, step.length, step.depth, bool(step.present),
+                          bool(step.zero), bool(step.data), step.offset,
+                          step.filename if step.offset is not None else None)
+        if current.continued_by(following):
+            current.length += following.length
+            continue
+        if current.length > 0 and not _print(tool, as_json, current, following):
+            return 1
+        current = following
+    if not _print(tool, as_json, current, None):
+        return 1
+    if as_json:
+        tool.out("]\n")
+    return 0
+
+
+def _print(tool: ImgTool, as_json: bool, entry: Entry, following: Entry | None) -> bool:
+    """dump_map_entry; False after QEMU's error for data it cannot locate."""
+    if as_json:
+        tool.out(_json(entry) + (",\n" if following is not None else ""))
+        return True
+    if entry.data and entry.offset is None:
+        tool.error("File contains external, encrypted or compressed clusters.")
+        return False
+    if entry.data and not entry.zero:
+        tool.out(_hex(entry.start) + _hex(entry.length) + _hex(entry.offset or 0)
+                 + (entry.filename or "") + "\n")
+    if following is not None and (not following.data or following.zero):
+        following.data = False
+        following.zero = True
+    return True
+
+
+def _strerror(error: BaseException) -> str:
+    import os
+    code = getattr(error, "errno", None)
+    if isinstance(code, int) and code > 0:
+        return os.strerror(code)
+    return str(error)
+
+
+__all__ = ["main", "Exit"]

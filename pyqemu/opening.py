@@ -1,0 +1,91 @@
+"""How a front end turns its image arguments into an imgengine.open_image call.
+
+A plain filename (with -f), a `json:{...}` filename, or an --image-opts
+key=value string all end up as (filename, fmt, nested options); the engine
+decides everything else.  Errors in the option syntax itself are reported here
+with QEMU's wording, as OptionError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pyqemu.blockopts import OptionError, QemuOpts, flatten, nest, parse_into, parse_json_filename
+
+FORCE_SHARE = "force-share"
+
+
+@dataclass
+class OpenRequest:
+    filename: str | None
+    fmt: str | None
+    options: dict[str, Any] | None
+    flat: dict[str, object]
+
+
+def _finish(filename: str | None, fmt: str | None, flat: dict[str, object],
+            warn: Callable[[str], None]) -> OpenRequest:
+    for key in list(flat):
+        if key == "backing" or key.endswith(".backing"):
+            if flat[key] == "":
+                warn('Use of "backing": "" is deprecated; use "backing": null instead')
+                flat[key] = None
+    options = nest(flat) if flat else None
+    return OpenRequest(filename, fmt, options, flat)
+
+
+def from_filename(filename: str, fmt: str | None, warn: Callable[[str], None],
+                  extra: dict[str, object] | None = None) -> OpenRequest:
+    """A filename as given on the command line, json: pseudo-protocol included.
+
+    extra holds options the tool itself adds (they win over the filename's).
+    """
+    flat: dict[str, object] = {}
+    if filename.startswith("json:"):
+        flat.update(flatten(parse_json_filename(filename)))
+        filename_arg: str | None = None
+    else:
+        filename_arg = filename
+    if extra:
+        flat.update(extra)
+    return _finish(filename_arg, fmt, flat, warn)
+
+
+def from_image_opts(text: str, warn: Callable[[str], None],
+                    report: Callable[[str, str], None] | None = None) -> OpenRequest:
+    """--image-opts: key=value pairs, a bare first value meaning file=...
+
+    report(message, follow_up) receives QEMU's deprecation of flag shorthand.
+    """
+    opts = QemuOpts(None)
+    parse_into(opts, text, implied_name="file", warn=report)
+    flat: dict[str, object] = dict(opts.to_flat_dict())
+    return _finish(None, None, flat, warn)
+
+
+def force_share_conflict(request: OpenRequest) -> bool:
+    """True when the options already say force-share=off (QEMU refuses -U then)."""
+    value = request.flat.get(FORCE_SHARE)
+    return value is not None and value not in ("on", True)
+
+
+def open_node(request: OpenRequest, read_only: bool) -> Any:
+    """imgengine.open_image for the request (the engine raises ImageError)."""
+    import imgengine
+    return imgengine.open_image(request.filename, fmt=request.fmt, options=request.options,
+                                read_only=read_only)
+
+
+def error_text(error: BaseException) -> str:
+    """The engine's own wording for an error (QEMU's inner message)."""
+    if isinstance(error, OSError) and error.strerror:
+        if error.filename is not None:
+            return f"Could not open '{error.filename}': {error.strerror}"
+        return error.strerror
+    return str(error)
+
+
+__all__ = ["OpenRequest", "OptionError", "from_filename", "from_image_opts", "open_node",
+           "error_text", "force_share_conflict"]
