@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint
+.PHONY: venv test lint check bless
 
 venv: $(STAMP)
 
@@ -21,3 +21,12 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+
+# Every case on every available backend, ending with a case/backend/result/time
+# table; non-zero on any failure. Extra pytest arguments: make check ARGS="-k 154".
+check: $(STAMP)
+	$(PY) -m harness check $(ARGS)
+
+# Rewrite golden/*.out by running the cases on real QEMU (all, or CASES="...").
+bless: $(STAMP)
+	$(PY) -m harness bless $(CASES)

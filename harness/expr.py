@@ -35,6 +35,25 @@ class PathRef:
 
     image: str
 
+    def deferred(self) -> str:
+        """A stand-in for the path inside a text, for `resolve_deferred` to
+        replace once the images are known (variables come before images)."""
+        return f"\0PATH:{self.image}\0"
+
+
+_DEFERRED = re.compile("\0PATH:([^\0]*)\0")
+
+
+def deferred_images(text: str) -> list[str]:
+    """The image names of the deferred paths in `text`."""
+    return _DEFERRED.findall(text)
+
+
+def resolve_deferred(text: str, render_path: Callable[[PathRef], str]) -> str:
+    if "\0PATH:" not in text:
+        return text
+    return _DEFERRED.sub(lambda match: render_path(PathRef(match.group(1))), text)
+
 
 def parse_size_literal(text: str) -> int | None:
     """`4096`, `0x1000`, `4k` -> bytes; None when the text is not such a number."""
@@ -188,7 +207,9 @@ def interpolate(text: str, variables: Mapping[str, Value],
     whole = _PLACEHOLDER.fullmatch(text)
     if whole is not None and whole.group(2) is not None:
         value = evaluate(whole.group(2), variables)
-        return render_path(value) if isinstance(value, PathRef) else value
+        if isinstance(value, PathRef):
+            return render_path(value)
+        return resolve_deferred(value, render_path) if isinstance(value, str) else value
 
     def substitute(match: re.Match[str]) -> str:
         if match.group(1) is not None:
@@ -201,6 +222,6 @@ def interpolate(text: str, variables: Mapping[str, Value],
         if value is None or isinstance(value, bool):
             raise ValueError(f"'${{{match.group(2)}}}' is {_describe(value)} "
                              "and cannot be part of a text")
-        return str(value)
+        return resolve_deferred(str(value), render_path)
 
     return _PLACEHOLDER.sub(substitute, text)

@@ -31,7 +31,7 @@ from harness.expand import (
     check_keys,
     expect,
 )
-from harness.expr import PathRef, Value, interpolate
+from harness.expr import PathRef, Value, deferred_images, interpolate
 from harness.schema import IMAGE_FORMATS, Case, CaseError, Image
 from harness.yamltree import Map, Node, Scalar, Seq, parse
 
@@ -71,8 +71,9 @@ def load_case_text(text: str, path: Path) -> Case:
     case_format = _choice(path, root.get("format"), "format", IMAGE_FORMATS, "qcow2")
 
     scope: dict[str, Value] = {"fmt": case_format}
+    var_lines: dict[str, int] = {}
     if (vars_node := root.get("vars")) is not None:
-        _define_vars(path, vars_node, scope)
+        _define_vars(path, vars_node, scope, var_lines)
 
     cluster_size = None
     if (cluster_node := root.get("cluster_size")) is not None:
@@ -81,6 +82,13 @@ def load_case_text(text: str, path: Path) -> Case:
     images: dict[str, Image] = {}
     if (images_node := root.get("images")) is not None:
         images = _images(path, images_node, scope, case_format)
+
+    for name, line in var_lines.items():
+        value = scope[name]
+        for image in deferred_images(value) if isinstance(value, str) else ():
+            if image not in images:
+                raise CaseError(path, line, f"unknown image {image!r} "
+                                            f"(declared images: {', '.join(images) or 'none'})")
 
     blocks: dict[str, Block] = {}
     if (blocks_node := root.get("blocks")) is not None:
@@ -121,17 +129,23 @@ def _choice(path: Path, node: Node | None, what: str, choices: tuple[str, ...],
     return str(node.value)
 
 
-def _value(path: Path, node: Node, scope: dict[str, Value], what: str) -> Value:
+def _value(path: Path, node: Node, scope: dict[str, Value], what: str, *,
+           defer_paths: bool = False) -> Value:
+    """A scalar with placeholders substituted. Image paths exist only in
+    steps; a variable may hold one (`defer_paths`) for the steps to resolve."""
     if not isinstance(node, Scalar):
         raise CaseError(path, node.line, f"{what} must be a single value, not {node.kind}")
     if not isinstance(node.value, str):
         return node.value
 
-    def no_paths(ref: PathRef) -> str:
-        raise ValueError(f"'${{path:{ref.image}}}' cannot be used here, only in steps")
+    def paths(ref: PathRef) -> str:
+        if defer_paths:
+            return ref.deferred()
+        raise ValueError(f"'${{path:{ref.image}}}' cannot be used here, only in steps "
+                         "and variables")
 
     try:
-        return interpolate(node.value, scope, no_paths)
+        return interpolate(node.value, scope, paths)
     except ValueError as error:
         raise CaseError(path, node.line, str(error)) from None
 
@@ -147,7 +161,8 @@ def _size(path: Path, node: Node, scope: dict[str, Value], what: str) -> str | N
     return text
 
 
-def _define_vars(path: Path, node: Node, scope: dict[str, Value]) -> None:
+def _define_vars(path: Path, node: Node, scope: dict[str, Value],
+                 var_lines: dict[str, int]) -> None:
     expect(path, node, Map, "vars")
     assert isinstance(node, Map)
     for key, value in node.items():
@@ -157,7 +172,8 @@ def _define_vars(path: Path, node: Node, scope: dict[str, Value]) -> None:
                                             "(letters, digits, underscores)")
         if name in PREDEFINED:
             raise CaseError(path, key.line, f"{name!r} is predefined (the case format)")
-        scope[name] = _value(path, value, scope, f"variable {name!r}")
+        scope[name] = _value(path, value, scope, f"variable {name!r}", defer_paths=True)
+        var_lines[name] = value.line
 
 
 def _images(path: Path, node: Node, scope: dict[str, Value],

@@ -88,6 +88,9 @@ def parse(text: str, path: str | Path) -> Node:
         mark = error.problem_mark or error.context_mark
         line = mark.line + 1 if mark is not None else 1
         problem = error.problem or error.context or "malformed YAML"
+        lines = text.splitlines()
+        if "${" in (lines[line - 1] if 0 < line <= len(lines) else ""):
+            problem += " (inside [...] or {...}, quote text that holds ${...})"
         raise CaseError(path, line, f"YAML syntax error: {problem}") from None
     except yaml.YAMLError as error:
         raise CaseError(path, 1, f"YAML error: {error}") from None
