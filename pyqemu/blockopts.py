@@ -9,10 +9,12 @@ takes; and the backing-file path rules of block.c.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pyqemu.units import ERANGE, SizeError, strtosz
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
 
 
 class OptionError(Exception):
@@ -23,29 +25,37 @@ class OptionError(Exception):
         self.hint = hint
 
 
-@dataclass(frozen=True)
 class OptionDesc:
     """One entry of a QemuOptsList description (name, type, help, default)."""
 
-    name: str
-    type: str                    # 'string' | 'bool' | 'number' | 'size'
-    help: str = ""
-    default: str | None = None
+    __slots__ = ("name", "type", "help", "default")
+
+    def __init__(self, name: str, type: str, help: str = "",
+                 default: str | None = None) -> None:
+        self.name = name
+        self.type = type            # 'string' | 'bool' | 'number' | 'size'
+        self.help = help
+        self.default = default
 
 
-@dataclass
 class ParsedOption:
-    name: str
-    text: str                    # the value as written (after ",," unescaping)
-    value: object = None         # int for size/number, bool for bool, else str
+    """One name=value setting: the text as written (after ",," unescaping) and
+    its value (int for size/number, bool for bool, else the text)."""
+
+    __slots__ = ("name", "text", "value")
+
+    def __init__(self, name: str, text: str, value: object = None) -> None:
+        self.name = name
+        self.text = text
+        self.value = value
 
 
-@dataclass
 class QemuOpts:
     """Options parsed against a description list (None: accept any name)."""
 
-    descs: Sequence[OptionDesc] | None
-    items: list[ParsedOption] = field(default_factory=list)
+    def __init__(self, descs: Sequence[OptionDesc] | None) -> None:
+        self.descs = descs
+        self.items: list[ParsedOption] = []
 
     def find(self, name: str) -> ParsedOption | None:
         for item in reversed(self.items):

@@ -11,7 +11,10 @@ block-sized pieces glibc would release them.
 from __future__ import annotations
 
 import os
-from typing import TextIO
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import TextIO
 
 _DEFAULT_BLOCK = 4096
 

@@ -10,17 +10,20 @@ unique-prefix long options with ambiguity reports, and the silent ':' mode.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 NO_ARGUMENT = 0
 REQUIRED_ARGUMENT = 1
 
 
-@dataclass(frozen=True)
 class LongOption:
-    name: str
-    has_arg: int
-    val: str
+    """One entry of getopt_long's option table; val is what the scan returns."""
+
+    __slots__ = ("name", "has_arg", "val")
+
+    def __init__(self, name: str, has_arg: int, val: str) -> None:
+        self.name = name
+        self.has_arg = has_arg
+        self.val = val
 
 
 class GetOpt:
@@ -155,7 +158,7 @@ class GetOpt:
                         ambiguous.append(option)
             if ambiguous:
                 listed = "".join(f" '--{option.name}'" for option in self.longopts
-                                 if option in ambiguous)
+                                 if any(option is candidate for candidate in ambiguous))
                 self._say(f"{argv[0]}: option '--{text}' is ambiguous; possibilities:{listed}\n")
                 self._nextchar = ""
                 self.optind += 1

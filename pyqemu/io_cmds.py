@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pyqemu.getopt import GetOpt
 from pyqemu.units import (
@@ -33,6 +31,8 @@ from pyqemu.units import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
     from pyqemu.io import IoSession
 
 ENOTSUP = 95
@@ -49,18 +49,25 @@ GLOBAL = 1        # runs whether or not an image is open (CMD_FLAG_GLOBAL)
 NOFILE_OK = 2     # may run without an open image (CMD_NOFILE_OK)
 
 
-@dataclass(frozen=True)
 class Command:
-    name: str
-    body: Callable[[IoSession, list[str]], int]
-    oneline: str
-    altname: str | None = None
-    argmin: int = 0
-    argmax: int = 0
-    flags: int = 0
-    writes: bool = False
-    args: str | None = None
-    has_help: bool = False
+    """One row of the command table (QEMU's cmdinfo_t)."""
+
+    __slots__ = ("name", "body", "oneline", "altname", "argmin", "argmax", "flags", "writes",
+                 "args", "has_help")
+
+    def __init__(self, name: str, body: Callable[[IoSession, list[str]], int], oneline: str,
+                 altname: str | None = None, argmin: int = 0, argmax: int = 0, flags: int = 0,
+                 writes: bool = False, args: str | None = None, has_help: bool = False) -> None:
+        self.name = name
+        self.body = body
+        self.oneline = oneline
+        self.altname = altname
+        self.argmin = argmin
+        self.argmax = argmax
+        self.flags = flags
+        self.writes = writes
+        self.args = args
+        self.has_help = has_help
 
     def usage(self) -> str:
         return f"{self.name} {self.args} -- {self.oneline}\n"
@@ -995,4 +1002,4 @@ def execute(session: IoSession, line: str) -> int:
     return command.body(session, words)
 
 
-__all__ = ["COMMANDS", "Command", "Crash", "execute", "find", "Any"]
+__all__ = ["COMMANDS", "Command", "Crash", "execute", "find"]

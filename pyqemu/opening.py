@@ -8,21 +8,26 @@ with QEMU's wording, as OptionError.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyqemu.blockopts import OptionError, QemuOpts, flatten, nest, parse_into, parse_json_filename
 
 FORCE_SHARE = "force-share"
 
 
-@dataclass
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
 class OpenRequest:
-    filename: str | None
-    fmt: str | None
-    options: dict[str, Any] | None
-    flat: dict[str, object]
+    """What to hand open_image: filename, format, nested options (and flat ones)."""
+
+    def __init__(self, filename: str | None, fmt: str | None,
+                 options: dict[str, Any] | None, flat: dict[str, object]) -> None:
+        self.filename = filename
+        self.fmt = fmt
+        self.options = options
+        self.flat = flat
 
 
 def _finish(filename: str | None, fmt: str | None, flat: dict[str, object],

@@ -11,7 +11,10 @@ statistics units, and report_lines builds qemu-io's two-line I/O report.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 EINVAL = 22
 ERANGE = 34

@@ -159,6 +159,12 @@ class Twins:
                     f"=== QEMU-made\n{theirs.view()}\n=== pyqemu-made\n{ours.view()}")
 
 
+@pytest.fixture(name="normalise")
+def normalise_fixture() -> Callable[[str], str]:
+    """normalise() for tests that compare outputs themselves."""
+    return normalise
+
+
 @pytest.fixture
 def twins(tmp_path: Path, qemu_img: str, qemu_io: str, pyqemu_img: Path,
           pyqemu_io: Path) -> Twins:
