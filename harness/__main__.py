@@ -29,7 +29,7 @@ def _parallel() -> list[str]:
 def _pytest(args: list[str]) -> int:
     import pytest
 
-    return int(pytest.main(["--rootdir", str(ROOT), "-p", "no:cacheprovider", *args]))
+    return int(pytest.main(["--rootdir", str(ROOT), *args]))
 
 
 def check(extra: list[str]) -> int:

@@ -309,23 +309,27 @@ class Expander:
             if isinstance(value, Scalar) and value.value is None:
                 return Echo(line, text="", via=via)
             return Echo(line, text=self.text(value, scope, "echo"), via=via)
-        options = self.options_of(value, ("args", "stderr", "filter", "format")
-                                  if kind == QEMU_IO else ("args", "stderr", "filter"), kind)
+        return self.raw_command(kind, line, value, scope, via)
+
+    def raw_command(self, tool: str, line: int, value: Node, scope: Scope,
+                    via: tuple[int, ...]) -> Command:
+        """`qemu-img: ARGS` / `qemu-io: ARGS`: the program with the arguments as
+        written (qemu-io gets the options every qemu-io step has, `-f` included
+        unless `format: null`). qemu-img defaults to `2>&1 | _filter_testdir`,
+        qemu-io to `| _filter_qemu_io`."""
+        allowed = ("args", "stderr", "filter", "format") if tool == QEMU_IO else \
+            ("args", "stderr", "filter")
+        options = self.options_of(value, allowed, tool)
         args_node = options.get("args", value if not isinstance(value, Map) else None)
         if args_node is None:
-            raise self.fail(value, f"'{kind}' needs its arguments under 'args:'")
-        args = self.arguments(args_node, scope, f"the {kind} arguments")
-        if kind == QEMU_IMG:
-            merge, default_filters = True, ("testdir",)
-            prefix: list[str] = []
-        else:
-            merge, default_filters = False, ("qemu_io",)
-            fmt: Value = self.format
-            if "format" in options:
-                fmt = self.value(options["format"], scope, "format")
-            prefix = self.io_prefix(str(fmt) if fmt is not None else None)
-        return self.finish(kind, line, [*prefix, *args], options, scope, via,
-                           merge, default_filters)
+            raise self.fail(value, f"'{tool}' needs its arguments under 'args:'")
+        args = self.arguments(args_node, scope, f"the {tool} arguments")
+        if tool == QEMU_IMG:
+            return self.finish(QEMU_IMG, line, args, options, scope, via, True, ("testdir",))
+        fmt = self.optional_text(options["format"], scope, "format") \
+            if "format" in options else self.format
+        return self.finish(QEMU_IO, line, [*self.io_prefix(fmt), *args], options, scope, via,
+                           False, ("qemu_io",))
 
     def options_of(self, value: Node | None, allowed: tuple[str, ...],
                    where: str) -> dict[str, Node]:
@@ -334,10 +338,10 @@ class Expander:
         check_keys(self.path, value, allowed, f"'{where}'")
         return {str(key.value): node for key, node in value.items()}
 
-    def finish(self, tool_or_kind: str, line: int, args: list[str], options: dict[str, Node],
+    def finish(self, tool: str, line: int, args: list[str], options: dict[str, Node],
                scope: Scope, via: tuple[int, ...], merge: bool,
                default_filters: tuple[str, ...]) -> Command:
-        tool = QEMU_IO if tool_or_kind in ("io", QEMU_IO) else QEMU_IMG
+        """The Command, with the step's own `stderr:`/`filter:` over the defaults."""
         if "stderr" in options:
             merge = self.stderr_mode(options["stderr"], scope)
         chosen = default_filters
@@ -451,7 +455,7 @@ class Expander:
         for item in items:
             args += ["-c", self.text(item, scope, "a qemu-io command", allow_empty=False)]
         args.append(image.path)
-        return self.finish("io", line, args, options, scope, via, False, ("qemu_io",))
+        return self.finish(QEMU_IO, line, args, options, scope, via, False, ("qemu_io",))
 
     def step_map(self, line: int, image: Image, value: Node | None, scope: Scope,
                  via: tuple[int, ...]) -> Command:
@@ -467,13 +471,13 @@ class Expander:
             args.append("--output=json")
         args += self.extra_args(options, scope)
         args.append(image.path)
-        return self.finish("map", line, args, options, scope, via, False, ("qemu_img_map",))
+        return self.finish(QEMU_IMG, line, args, options, scope, via, False, ("qemu_img_map",))
 
     def step_check(self, line: int, image: Image, value: Node | None, scope: Scope,
                    via: tuple[int, ...]) -> Command:
         options = self.options_of(value, ("args", "stderr", "filter"), "check")
         args = ["check", *self.extra_args(options, scope), "-f", image.format, image.path]
-        return self.finish("check", line, args, options, scope, via, True,
+        return self.finish(QEMU_IMG, line, args, options, scope, via, True,
                            ("testdir", "qemu_img_check"))
 
     def step_info(self, line: int, image: Image, value: Node | None, scope: Scope,
@@ -489,7 +493,7 @@ class Expander:
             specific = flag
         args = ["info", *self.extra_args(options, scope), image.path]
         default = ("img_info_rc_format_specific",) if specific else ("img_info_rc",)
-        return self.finish("info", line, args, options, scope, via, True, default)
+        return self.finish(QEMU_IMG, line, args, options, scope, via, True, default)
 
     def step_remove(self, line: int, image: Image, value: Node | None, scope: Scope,
                     via: tuple[int, ...]) -> Remove:
