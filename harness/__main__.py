@@ -50,8 +50,9 @@ def bless(cases: list[str]) -> int:
         if not Path(target).exists():
             print(f"harness bless: {target}: no such case file", file=sys.stderr)
             return 2
+    workers = _parallel() if len(targets) > 1 or not cases else []
     return _pytest([*targets, "--backend", "qemu", "--regen-all", "--case-report", "-q",
-                    *_parallel()])
+                    *workers])
 
 
 def run(case_file: str, backend_name: str, raw: bool) -> int:
