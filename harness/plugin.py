@@ -102,8 +102,12 @@ class CaseFile(pytest.Module):
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
                      style: Any = None) -> Any:
-        if isinstance(excinfo.value, CaseError):
-            return str(excinfo.value)
+        error = excinfo.value
+        if isinstance(error, CaseError):
+            shown = Path(error.path)
+            if shown.is_absolute() and shown.is_relative_to(self.config.rootpath):
+                shown = shown.relative_to(self.config.rootpath)
+            return f"{shown}:{error.line}: {error.message}"
         return super().repr_failure(excinfo)
 
 
