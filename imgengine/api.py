@@ -1,0 +1,519 @@
+"""The engine's entry points: open images, create them, describe options.
+
+``open_image`` does what QEMU's bdrv_open does for the file protocol: open
+the file, probe or check its format, open the backing chain (a relative
+backing name resolves against the overlay's own folder; a loop is refused),
+honour ``"backing": None`` and backing overrides.  ``create_image`` does
+what ``qemu-img create`` does, including its validation and messages, and
+``create_options`` describes the options QEMU lists.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .errors import CorruptImageError, ImageError, OpenError, UnsupportedImageError
+from .hostfile import HostFile
+from .node import BlockNode
+from .sizes import parse_bool, parse_number, parse_size
+
+SECTOR_SIZE = 512
+
+
+# -- records -----------------------------------------------------------------------------
+
+
+@dataclass
+class ImageInfo:
+    """What qemu-img info / qemu-io info report about one image."""
+
+    filename: str
+    format_name: str
+    virtual_size: int
+    actual_size: int | None
+    cluster_size: int | None
+    vm_state_offset: int | None
+    dirty_flag: bool | None
+    backing_filename: str | None
+    full_backing_filename: str | None
+    backing_format: str | None
+    format_specific: dict[str, object] | None
+
+
+@dataclass
+class MapEntry:
+    """One entry of ``qemu-img map --output=json``."""
+
+    start: int
+    length: int
+    depth: int
+    present: bool
+    zero: bool
+    data: bool
+    offset: int | None
+    filename: str | None = None
+
+
+@dataclass
+class CreateOption:
+    """One creation option as QEMU lists it.
+
+    ``type`` is 'size', 'number', 'bool' or 'string'; ``default`` is the
+    text QEMU prints when the option is not given (None: not printed).
+    """
+
+    name: str
+    type: str
+    help: str
+    default: str | None = None
+    # Where the option comes from: the format driver or the file protocol.
+    origin: str = "format"
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+# -- option tables ------------------------------------------------------------------------
+
+_SIZE_OPTION = CreateOption("size", "size", "Virtual disk size")
+
+_QCOW2_OPTIONS = [
+    CreateOption("encryption", "bool",
+                 "Encrypt the image with format 'aes'. (Deprecated in favor of "
+                 "encrypt.format=aes)"),
+    CreateOption("encrypt.format", "string",
+                 "Encrypt the image, format choices: 'aes', 'luks'"),
+    CreateOption("encrypt.key-secret", "string",
+                 "ID of secret providing qcow AES key or LUKS passphrase"),
+    CreateOption("encrypt.cipher-alg", "string", "Name of encryption cipher algorithm"),
+    CreateOption("encrypt.cipher-mode", "string", "Name of encryption cipher mode"),
+    CreateOption("encrypt.ivgen-alg", "string", "Name of IV generator algorithm"),
+    CreateOption("encrypt.ivgen-hash-alg", "string", "Name of IV generator hash algorithm"),
+    CreateOption("encrypt.hash-alg", "string", "Name of encryption hash algorithm"),
+    CreateOption("encrypt.iter-time", "number", "Time to spend in PBKDF in milliseconds"),
+    CreateOption("cluster_size", "size", "qcow2 cluster size", "65536"),
+    CreateOption("extended_l2", "bool", "Extended L2 tables", "off"),
+    CreateOption("preallocation", "string",
+                 "Preallocation mode (allowed values: off, metadata, falloc, full)"),
+    CreateOption("compression_type", "string",
+                 "Compression method used for image cluster compression", "zlib"),
+    _SIZE_OPTION,
+    CreateOption("compat", "string", "Compatibility level (v2 [0.10] or v3 [1.1])"),
+    CreateOption("backing_file", "string", "File name of a base image"),
+    CreateOption("backing_fmt", "string", "Image format of the base image"),
+    CreateOption("data_file", "string", "File name of an external data file"),
+    CreateOption("data_file_raw", "bool",
+                 "The external data file must stay valid as a raw image"),
+    CreateOption("lazy_refcounts", "bool", "Postpone refcount updates", "off"),
+    CreateOption("refcount_bits", "number", "Width of a reference count entry in bits", "16"),
+]
+
+_FILE_OPTIONS = [
+    CreateOption("size", "size", "Virtual disk size", origin="protocol"),
+    CreateOption("nocow", "bool", "Turn off copy-on-write (valid only on btrfs)",
+                 origin="protocol"),
+    CreateOption("preallocation", "string",
+                 "Preallocation mode (allowed values: off, falloc, full)", origin="protocol"),
+    CreateOption("extent_size_hint", "size",
+                 "Extent size hint for the image file, 0 to disable", origin="protocol"),
+]
+
+FORMATS = ("qcow2", "raw")
+
+
+def create_options(fmt: str, *, with_protocol: bool = True) -> list[CreateOption]:
+    """QEMU's creation options for ``fmt``, in QEMU's order.
+
+    With ``with_protocol`` the file protocol's own options follow (those a
+    format does not already have), as qemu-img merges them when a file name
+    is known.
+    """
+    if fmt == "qcow2":
+        table = list(_QCOW2_OPTIONS)
+    elif fmt == "raw":
+        table = [_SIZE_OPTION]
+    elif fmt == "file":
+        return list(_FILE_OPTIONS)
+    else:
+        raise OpenError(f"Unknown file format '{fmt}'", errno=errno.EINVAL)
+    if with_protocol:
+        names = {option.name for option in table}
+        table += [option for option in _FILE_OPTIONS if option.name not in names]
+    return table
+
+
+def _parse_option_value(option: CreateOption, value: str) -> object:
+    """Parse one -o value as QEMU's option parser does."""
+    if option.type == "size":
+        try:
+            return parse_size(value)
+        except OverflowError:
+            raise ImageError(f"Value '{value}' is out of range for parameter '{option.name}'",
+                             errno=errno.EINVAL) from None
+        except ValueError:
+            raise ImageError(
+                f"Parameter '{option.name}' expects a non-negative number below 2^64",
+                errno=errno.EINVAL,
+                hint="Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, "
+                     "peta-\nand exabytes, respectively.\n") from None
+    if option.type == "number":
+        try:
+            return parse_number(value)
+        except OverflowError:
+            raise ImageError(f"Value '{value}' is too large for parameter '{option.name}'",
+                             errno=errno.EINVAL) from None
+        except ValueError:
+            raise ImageError(f"Parameter '{option.name}' expects a number",
+                             errno=errno.EINVAL) from None
+    if option.type == "bool":
+        try:
+            return parse_bool(value)
+        except ValueError:
+            raise ImageError(f"Parameter '{option.name}' expects 'on' or 'off'",
+                             errno=errno.EINVAL) from None
+    return value
+
+
+def _parsed_options(fmt: str, options: Mapping[str, str]) -> dict[str, object]:
+    table = {option.name: option for option in create_options(fmt)}
+    parsed: dict[str, object] = {}
+    for name, value in options.items():
+        option = table.get(name)
+        if option is None:
+            raise ImageError(f"Invalid parameter '{name}'", errno=errno.EINVAL)
+        parsed[name] = _parse_option_value(option, str(value))
+    return parsed
+
+
+def formatting_options(fmt: str, options: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The ``name=value`` pairs qemu-img prints after ``Formatting '...', fmt=...``.
+
+    Options given are printed (numbers and sizes as parsed, strings with
+    commas doubled); options not given are printed with their default when
+    they have one.
+    """
+    parsed = _parsed_options(fmt, options)
+    pairs = []
+    for option in create_options(fmt):
+        if option.name in options:
+            raw = str(options[option.name])
+            if option.type in ("size", "number"):
+                text = str(parsed[option.name])
+            elif option.type == "string":
+                text = raw.replace(",", ",,")
+            else:
+                text = raw
+        elif option.default is not None:
+            text = option.default
+        else:
+            continue
+        pairs.append((option.name, text))
+    return pairs
+
+
+# -- paths ------------------------------------------------------------------------------------
+
+
+def _has_protocol(name: str) -> bool:
+    colon = name.find(":")
+    if colon <= 0:
+        return False
+    prefix = name[:colon]
+    return "/" not in prefix and prefix.replace("-", "").replace("_", "").replace(".", "").isalnum()
+
+
+def resolve_backing_filename(overlay: str, backing: str) -> str:
+    """A backing file name as QEMU resolves it: relative to the overlay's folder."""
+    if not backing or os.path.isabs(backing) or _has_protocol(backing):
+        return backing
+    if backing.startswith("file:"):
+        return backing
+    slash = overlay.rfind("/")
+    if slash < 0:
+        return backing
+    return overlay[:slash + 1] + backing
+
+
+# -- opening ---------------------------------------------------------------------------------
+
+
+def _flatten(options: Mapping[str, object]) -> dict[str, object]:
+    """Nested and dotted QEMU option keys, both turned into nested dicts."""
+    out: dict[str, object] = {}
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            value = _flatten(value)
+        parts = key.split(".")
+        target = out
+        for part in parts[:-1]:
+            existing = target.get(part)
+            if not isinstance(existing, dict):
+                existing = {} if existing is None else {"filename": existing}
+                target[part] = existing
+            target = existing
+        last = parts[-1]
+        if isinstance(value, dict) and isinstance(target.get(last), dict):
+            target[last].update(value)  # type: ignore[union-attr]
+        else:
+            target[last] = value
+    return out
+
+
+def _bool_value(value: object, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    try:
+        return parse_bool(str(value))
+    except ValueError:
+        raise OpenError(f"Parameter '{name}' expects 'on' or 'off'",
+                        errno=errno.EINVAL) from None
+
+
+def _probe_format(file: HostFile) -> str:
+    from .qcow2.format import probe
+
+    if file.length() == 0:
+        return "raw"
+    head = file.pread(0, 512)
+    return "qcow2" if probe(head) else "raw"
+
+
+def _file_identity(file: HostFile) -> tuple[int, int]:
+    st = os.fstat(file.fd)
+    return st.st_dev, st.st_ino
+
+
+def open_image(filename: str | None = None, *, fmt: str | None = None,
+               options: Mapping[str, object] | None = None,
+               read_only: bool = False) -> BlockNode:
+    """Open an image and its backing chain.
+
+    ``options`` are QEMU blockdev options as a (possibly nested or dotted)
+    dict: ``driver``, ``file`` (a name or ``{"driver": "file", "filename":
+    ...}``), ``backing`` (None cuts the chain; a name or dict replaces it),
+    ``read-only``, ``discard`` ("unmap"/"ignore"), ``cache.no-flush`` and
+    the qcow2 runtime options.
+    """
+    return _open(filename, fmt, _flatten(options or {}), read_only, [])
+
+
+def _open(filename: str | None, fmt: str | None, options: dict[str, object],
+          read_only: bool, chain: list[tuple[int, int]]) -> BlockNode:
+    options = dict(options)
+    driver_name = options.pop("driver", None)
+    if driver_name is not None and fmt is not None and driver_name != fmt:
+        raise OpenError(f"Cannot use image format '{fmt}' with driver '{driver_name}'",
+                        errno=errno.EINVAL)
+    fmt = fmt or (str(driver_name) if driver_name is not None else None)
+    file_option = options.pop("file", None)
+    if isinstance(file_option, Mapping):
+        file_opts = dict(file_option)
+        file_driver = file_opts.pop("driver", "file")
+        if file_driver != "file":
+            raise OpenError(f"Unknown protocol '{file_driver}'", errno=errno.EINVAL)
+        name = file_opts.pop("filename", None)
+        if name is not None:
+            filename = str(name)
+    elif file_option is not None:
+        filename = str(file_option)
+    if "filename" in options:
+        filename = str(options.pop("filename"))
+    if filename is None:
+        raise OpenError("The 'file' block driver requires a file name", errno=errno.EINVAL)
+    if filename.startswith("file:"):
+        filename = filename[len("file:"):]
+    if "read-only" in options:
+        read_only = _bool_value(options.pop("read-only"), "read-only")
+    unmap = True
+    if "discard" in options:
+        mode = str(options.pop("discard"))
+        if mode in ("off", "ignore"):
+            unmap = False
+        elif mode not in ("on", "unmap"):
+            raise OpenError(f"Invalid discard option: {mode}", errno=errno.EINVAL)
+    cache = options.pop("cache", None)
+    if isinstance(cache, Mapping):
+        cache = dict(cache)
+        cache.pop("no-flush", None)
+        cache.pop("direct", None)
+    has_backing_option = "backing" in options
+    backing_option = options.pop("backing", None)
+    for ignored in ("node-name", "auto-read-only", "force-share", "detect-zeroes"):
+        options.pop(ignored, None)
+
+    file = HostFile(filename, writable=not read_only)
+    try:
+        probed = fmt is None
+        if fmt is None:
+            fmt = _probe_format(file)
+        identity = _file_identity(file)
+        if identity in chain:
+            raise CorruptImageError(f"Backing file '{filename}' creates an infinite loop",
+                                    errno=errno.ELOOP)
+        if fmt == "raw":
+            from .raw import RawDriver
+
+            if options:
+                name = sorted(options)[0]
+                raise OpenError(f"Block format 'raw' does not support the option '{name}'",
+                                errno=errno.EINVAL)
+            driver = RawDriver(file, probed=probed)
+            return BlockNode(driver, filename, read_only=read_only, unmap=unmap)
+        if fmt != "qcow2":
+            if fmt in ("qcow", "vmdk", "vdi", "vpc", "vhdx", "qed", "luks", "parallels",
+                       "cloop", "dmg", "bochs"):
+                raise UnsupportedImageError(f"Image format '{fmt}' is not supported by this "
+                                            f"engine", errno=errno.ENOTSUP)
+            raise OpenError(f"Unknown driver '{fmt}'", errno=errno.EINVAL)
+        from .qcow2.driver import Qcow2Driver
+
+        qcow2_options = dict(options)
+        qcow2_options["_unmap"] = unmap
+        qdriver = Qcow2Driver.open(file, read_only=read_only, options=qcow2_options)
+    except BaseException:
+        file.close()
+        raise
+
+    node = BlockNode(qdriver, filename, read_only=read_only, unmap=unmap)
+    try:
+        backing = None
+        if has_backing_option:
+            if backing_option is not None:
+                if isinstance(backing_option, Mapping):
+                    backing = _open(None, None, dict(backing_option), True,
+                                    chain + [identity])
+                else:
+                    backing = _open(str(backing_option), None, {}, True, chain + [identity])
+        elif qdriver.image_backing_file:
+            backing = _open_backing(qdriver, filename, chain + [identity])
+        node.backing = backing
+    except BaseException:
+        node.close()
+        raise
+    return node
+
+
+def _open_backing(driver: object, overlay: str, chain: list[tuple[int, int]]) -> BlockNode:
+    backing_file = driver.image_backing_file
+    backing_format = driver.image_backing_format
+    path = resolve_backing_filename(overlay, backing_file)
+    try:
+        return _open(path, backing_format or None, {}, True, chain)
+    except ImageError as exc:
+        raise exc.prefixed("Could not open backing file: ") from None
+
+
+# -- creating ----------------------------------------------------------------------------------
+
+
+def resolve_create_options(filename: str, fmt: str, options: Mapping[str, str], *,
+                           unsafe: bool = False) -> dict[str, str]:
+    """What qemu-img create settles before it prints ``Formatting ...``.
+
+    Validates the option values, the backing file (opening it unless
+    ``unsafe``, QEMU's -u) and takes the size from the backing file when
+    none is given.  Returns the options with ``size`` filled in.
+    """
+    if fmt not in FORMATS:
+        if fmt in ("qcow", "vmdk", "vdi", "vpc", "vhdx", "qed", "luks", "parallels"):
+            raise UnsupportedImageError(f"Image format '{fmt}' is not supported by this "
+                                        f"engine", errno=errno.ENOTSUP)
+        raise OpenError(f"Unknown file format '{fmt}'", errno=errno.EINVAL)
+    resolved = {name: str(value) for name, value in options.items()}
+    parsed = _parsed_options(fmt, resolved)
+    backing_file = resolved.get("backing_file")
+    backing_fmt = resolved.get("backing_fmt")
+    if backing_file is not None:
+        if backing_file == filename:
+            raise ImageError("Error: Trying to create an image with the same filename as "
+                             "the backing file", errno=errno.EINVAL)
+        if backing_file == "":
+            raise ImageError("Expected backing file name, got empty string",
+                             errno=errno.EINVAL)
+    size = parsed.get("size")
+    if backing_file is not None and not unsafe:
+        full = resolve_backing_filename(filename, backing_file)
+        try:
+            backing = _open(full, backing_fmt, {"backing": None}, True, [])
+        except ImageError as exc:
+            exc.hint = (exc.hint or "") + "Could not open backing image.\n"
+            raise
+        try:
+            if backing_fmt is None:
+                raise ImageError("Backing file specified without backing format",
+                                 errno=errno.EINVAL,
+                                 hint=f"Detected format of {backing.format_name}.")
+            if size is None:
+                resolved["size"] = str(backing.length())
+        finally:
+            backing.close()
+    elif backing_file is not None and backing_fmt is None:
+        raise ImageError("Backing file specified without backing format", errno=errno.EINVAL)
+    if "size" not in resolved:
+        raise ImageError("Image creation needs a size parameter", errno=errno.EINVAL)
+    return resolved
+
+
+def create_image(filename: str, fmt: str, options: Mapping[str, str], *,
+                 unsafe: bool = False) -> None:
+    """Create an image as ``qemu-img create -f fmt -o ...`` does.
+
+    ``options`` use QEMU's option names and command-line string values;
+    ``size`` is in bytes.  Raises ImageError with QEMU's message.
+    """
+    resolved = resolve_create_options(filename, fmt, options, unsafe=unsafe)
+    parsed = _parsed_options(fmt, resolved)
+    size = int(parsed["size"])  # type: ignore[call-overload]
+    size = -(-size // SECTOR_SIZE) * SECTOR_SIZE
+    if fmt == "raw":
+        _create_raw(filename, size, parsed)
+        return
+    from .qcow2.driver import create_qcow2
+
+    create_qcow2(filename, size, parsed)
+
+
+def _create_raw(filename: str, size: int, parsed: Mapping[str, object]) -> None:
+    prealloc = str(parsed.get("preallocation", "off"))
+    if prealloc not in ("off", "falloc", "full"):
+        raise ImageError(f"Parameter 'preallocation' does not accept value '{prealloc}'",
+                         errno=errno.EINVAL)
+    file = create_file(filename)
+    try:
+        if prealloc == "off":
+            file.truncate(size)
+        elif prealloc == "falloc":
+            if size:
+                os.posix_fallocate(file.fd, 0, size)
+                file.write_first_block(size)
+        else:
+            os.ftruncate(file.fd, size)
+            file.write_zeroes_or_fill(0, size)
+            os.fsync(file.fd)
+    except OSError as exc:
+        raise ImageError(f"Could not preallocate data for the new file: {exc.strerror}",
+                         errno=exc.errno) from None
+    finally:
+        file.close()
+
+
+def create_file(filename: str) -> HostFile:
+    """Create (or empty) ``filename`` as file-posix does, and open it."""
+    if filename.startswith("file:"):
+        filename = filename[len("file:"):]
+    try:
+        fd = os.open(filename, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as exc:
+        from .errors import errno_message
+
+        raise ImageError(errno_message(f"Could not create '{filename}'", exc.errno),
+                         errno=exc.errno) from None
+    os.close(fd)
+    file = HostFile(filename, writable=True)
+    try:
+        os.ftruncate(file.fd, 0)
+    except OSError as exc:
+        file.close()
+        raise ImageError(f"Could not resize file: {exc.strerror}", errno=exc.errno) from None
+    return file

@@ -1,0 +1,368 @@
+"""The generic block layer every format shares (QEMU's block/io.c and block.c).
+
+``BlockNode`` wraps one format driver and does what QEMU's generic layer does
+around it: request bounds checks, splitting write-zeroes at the driver's
+alignment and falling back to written zeroes, discard splitting, the generic
+parts of block status (ALLOCATED, ZERO where nothing below can supply data,
+EOF), and reads of a backing node that run past its end.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import IntFlag
+from typing import TYPE_CHECKING, NamedTuple
+
+from .errors import ImageError, RequestError
+from .hostfile import MAX_BOUNCE_BUFFER, HostFile, NotSupported
+
+if TYPE_CHECKING:
+    from .api import CheckResult, ImageInfo, MapEntry
+
+# The largest single request QEMU accepts (BDRV_REQUEST_MAX_BYTES).
+REQUEST_MAX_BYTES = (0x7FFFFFFF >> 9) << 9
+MAX_IMAGE_LENGTH = (1 << 63) - 1
+
+
+class BlockStatusFlag(IntFlag):
+    """QEMU's BDRV_BLOCK_* bits."""
+
+    DATA = 0x01
+    ZERO = 0x02
+    OFFSET_VALID = 0x04
+    RAW = 0x08
+    ALLOCATED = 0x10
+    EOF = 0x20
+    RECURSE = 0x40
+
+
+DATA = int(BlockStatusFlag.DATA)
+ZERO = int(BlockStatusFlag.ZERO)
+OFFSET_VALID = int(BlockStatusFlag.OFFSET_VALID)
+RAW = int(BlockStatusFlag.RAW)
+ALLOCATED = int(BlockStatusFlag.ALLOCATED)
+EOF = int(BlockStatusFlag.EOF)
+RECURSE = int(BlockStatusFlag.RECURSE)
+
+
+class DriverStatus(NamedTuple):
+    """What a driver reports for a range: QEMU's bdrv_co_block_status result."""
+
+    flags: int
+    pnum: int
+    offset: int | None
+    file: HostFile | None
+
+
+@dataclass
+class BlockStatus:
+    """Block status of one layer (bdrv_block_status)."""
+
+    flags: BlockStatusFlag
+    pnum: int
+    offset: int | None
+    file: HostFile | None
+
+
+class Driver:
+    """The interface every format implements (QEMU's BlockDriver)."""
+
+    format_name: str = ""
+    supports_backing: bool = False
+    request_alignment: int = 1
+    pwrite_zeroes_alignment: int = 1
+    pdiscard_alignment: int = 1
+    # BDRV_REQ_MAY_UNMAP / BDRV_REQ_NO_FALLBACK support for write-zeroes.
+    supports_zero_unmap: bool = False
+    supports_zero_no_fallback: bool = False
+    node: BlockNode
+
+    @property
+    def backing(self) -> BlockNode | None:
+        return self.node.backing
+
+    def getlength(self) -> int:
+        raise NotImplementedError
+
+    def preadv(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def pwritev(self, offset: int, data: memoryview) -> None:
+        raise NotImplementedError
+
+    def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        raise NotSupported()
+
+    def pdiscard(self, offset: int, length: int) -> None:
+        raise NotSupported()
+
+    def block_status(self, want_zero: bool, offset: int, length: int) -> DriverStatus:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def info(self) -> ImageInfo:
+        raise NotImplementedError
+
+    def check(self, fix: frozenset[str]) -> CheckResult:
+        raise ImageError("This image format does not support checks", errno=errno.ENOTSUP)
+
+
+def _io_error(err: int) -> RequestError:
+    import os
+
+    return RequestError(os.strerror(err), errno=err)
+
+
+class BlockNode:
+    """One opened layer of a chain; ``backing`` is the next one down."""
+
+    def __init__(self, driver: Driver, filename: str, *, read_only: bool,
+                 backing: BlockNode | None = None, unmap: bool = True) -> None:
+        self.driver = driver
+        self.filename = filename
+        self.format_name = driver.format_name
+        self.read_only = read_only
+        self.backing = backing
+        self.unmap = unmap
+        self.closed = False
+        driver.node = self
+
+    # -- context manager ------------------------------------------------------
+
+    def __enter__(self) -> BlockNode:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<BlockNode {self.format_name} {self.filename!r}>"
+
+    # -- checks -----------------------------------------------------------------
+
+    def length(self) -> int:
+        return self.driver.getlength()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RequestError("No medium found", errno=errno.ENOMEDIUM)
+
+    def _check_request(self, offset: int, length: int, *, limit_32: bool = True) -> None:
+        """Bounds checks of the BlockBackend and the generic layer."""
+        self._check_open()
+        if offset < 0 or length < 0:
+            raise _io_error(errno.EIO)
+        if offset > MAX_IMAGE_LENGTH or length > MAX_IMAGE_LENGTH - offset:
+            raise _io_error(errno.EIO)
+        if limit_32 and length > REQUEST_MAX_BYTES:
+            raise _io_error(errno.EINVAL)
+        size = self.length()
+        if offset > size or size - offset < length:
+            raise _io_error(errno.EIO)
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise _io_error(errno.EPERM)
+
+    # -- reads --------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` (through the backing chain)."""
+        self._check_request(offset, length)
+        if length == 0:
+            return b""
+        return self.driver.preadv(offset, length)
+
+    def read_child(self, offset: int, length: int) -> bytes:
+        """Read as a parent node does: what lies past this node's end is zero."""
+        if length <= 0:
+            return b""
+        size = self.length()
+        if offset >= size:
+            return bytes(length)
+        if offset + length <= size:
+            return self.driver.preadv(offset, length)
+        inside = self.driver.preadv(offset, size - offset)
+        return inside + bytes(offset + length - size)
+
+    # -- writes -------------------------------------------------------------------
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, *,
+              fua: bool = False) -> None:
+        """Write ``data`` at ``offset``."""
+        view = memoryview(data).cast("B")
+        self._check_request(offset, len(view))
+        self._check_writable()
+        if len(view) == 0:
+            return
+        self.driver.pwritev(offset, view)
+        if fua:
+            self.driver.flush()
+
+    def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
+                     fua: bool = False, no_fallback: bool = False) -> None:
+        """Make a range read as zeroes (QEMU's bdrv_co_pwrite_zeroes)."""
+        self._check_request(offset, length, limit_32=False)
+        self._check_writable()
+        if not self.unmap:
+            may_unmap = False
+        if length == 0:
+            return
+        self._do_pwrite_zeroes(offset, length, may_unmap, no_fallback)
+        if fua:
+            self.driver.flush()
+
+    def _do_pwrite_zeroes(self, offset: int, length: int, may_unmap: bool,
+                          no_fallback: bool) -> None:
+        driver = self.driver
+        if no_fallback and not driver.supports_zero_no_fallback:
+            raise _io_error(errno.ENOTSUP)
+        if not driver.supports_zero_unmap:
+            may_unmap = False
+        alignment = max(driver.pwrite_zeroes_alignment, driver.request_alignment)
+        head = offset % alignment
+        tail = (offset + length) % alignment
+        max_transfer = MAX_BOUNCE_BUFFER
+        max_write_zeroes = ((1 << 63) - 1) // alignment * alignment
+        while length > 0:
+            num = length
+            if head:
+                num = min(length, max_transfer, alignment - head)
+                head = (head + num) % alignment
+            elif tail and num > alignment:
+                num -= tail
+            num = min(num, max_write_zeroes)
+            try:
+                driver.pwrite_zeroes(offset, num, may_unmap)
+            except NotSupported:
+                if no_fallback:
+                    raise _io_error(errno.ENOTSUP) from None
+                num = min(num, max_transfer)
+                driver.pwritev(offset, memoryview(bytes(num)))
+            offset += num
+            length -= num
+
+    def discard(self, offset: int, length: int) -> None:
+        """Discard a range; unaligned parts are ignored as QEMU ignores them."""
+        self._check_request(offset, length, limit_32=False)
+        self._check_writable()
+        if not self.unmap or length == 0:
+            return
+        driver = self.driver
+        align = max(driver.pdiscard_alignment, driver.request_alignment)
+        head = offset % align
+        tail = (offset + length) % align
+        while length > 0:
+            num = length
+            if head:
+                num = min(length, align - head)
+                head = (head + num) % align
+            elif tail and num > align:
+                num -= tail
+            try:
+                driver.pdiscard(offset, num)
+            except NotSupported:
+                pass
+            offset += num
+            length -= num
+
+    def flush(self) -> None:
+        self._check_open()
+        self.driver.flush()
+
+    def close(self) -> None:
+        """Close this layer and every layer below it."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.driver.close()
+        finally:
+            if self.backing is not None:
+                self.backing.close()
+
+    # -- status ---------------------------------------------------------------------
+
+    def status(self, want_zero: bool, offset: int, length: int) -> DriverStatus:
+        """QEMU's bdrv_co_block_status for this layer alone, as a tuple."""
+        total = self.length()
+        if offset >= total:
+            return DriverStatus(EOF, 0, None, None)
+        if length <= 0:
+            return DriverStatus(0, 0, None, None)
+        length = min(length, total - offset)
+        driver = self.driver
+        align = driver.request_alignment
+        aligned_offset = offset - offset % align
+        aligned_length = -(-(offset + length) // align) * align - aligned_offset
+        flags, pnum, host, file = driver.block_status(want_zero, aligned_offset,
+                                                      aligned_length)
+        pnum -= offset - aligned_offset
+        if pnum > length:
+            pnum = length
+        if flags & OFFSET_VALID and host is not None:
+            host += offset - aligned_offset
+        if flags & (DATA | ZERO):
+            flags |= ALLOCATED
+        elif driver.supports_backing:
+            backing = self.backing
+            if backing is None:
+                flags |= ZERO
+            elif want_zero and offset >= backing.length():
+                flags |= ZERO
+        if (want_zero and flags & RECURSE and file is not None and flags & DATA
+                and not flags & ZERO and flags & OFFSET_VALID):
+            file_flags, file_pnum = file.block_status(host, pnum)
+            if file_flags & EOF and (not file_pnum or file_flags & ZERO):
+                flags |= ZERO
+            else:
+                pnum = file_pnum
+                flags |= file_flags & ZERO
+        if offset + pnum == total:
+            flags |= EOF
+        return DriverStatus(flags, pnum, host, file)
+
+    def block_status(self, offset: int, length: int, *, want_zero: bool = True) -> BlockStatus:
+        """bdrv_block_status of this layer alone."""
+        self._check_open()
+        st = self.status(want_zero, offset, length)
+        return BlockStatus(BlockStatusFlag(st.flags), st.pnum,
+                           st.offset if st.flags & OFFSET_VALID else None,
+                           st.file if st.flags & OFFSET_VALID else None)
+
+    def is_allocated(self, offset: int, length: int) -> tuple[bool, int]:
+        """bdrv_is_allocated: whether this layer itself holds the range's data."""
+        self._check_open()
+        st = self.status(False, offset, length)
+        return bool(st.flags & ALLOCATED), st.pnum
+
+    def map_entry(self, offset: int, length: int) -> MapEntry:
+        """One step of ``qemu-img map``: walk the chain down from this layer."""
+        from .chain import map_entry
+
+        self._check_open()
+        return map_entry(self, offset, length)
+
+    def map(self, start: int = 0, length: int | None = None) -> Iterator[MapEntry]:
+        """Merged entries exactly as ``qemu-img map --output=json`` prints them."""
+        from .chain import map_entries
+
+        self._check_open()
+        return map_entries(self, start, length)
+
+    def info(self) -> ImageInfo:
+        """What qemu-img info / qemu-io info report."""
+        self._check_open()
+        return self.driver.info()
+
+    def check(self, fix: frozenset[str] = frozenset()) -> CheckResult:
+        """Consistency check (qcow2 only); ``fix`` is a subset of {"leaks", "all"}."""
+        self._check_open()
+        return self.driver.check(frozenset(fix))

@@ -1,0 +1,581 @@
+"""Guest-to-host cluster mapping: L1/L2 tables (QEMU's qcow2-cluster.c).
+
+Looking up where a guest range lives, allocating clusters for writes with
+copy-on-write of the untouched parts, turning clusters into zero clusters,
+discarding them, and growing the L1 table.  The decisions (which clusters
+are kept, which are newly allocated, in which order L2 tables and data
+clusters are taken) follow QEMU 7.2 exactly, because host offsets are
+compared with QEMU's.
+
+The engine supports standard (not extended) L2 entries, so a subcluster is
+always a whole cluster.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from array import array
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..errors import ImageError
+from .format import (
+    L1E_OFFSET_MASK,
+    L1E_SIZE,
+    L2E_OFFSET_MASK,
+    MAX_L1_SIZE,
+    OFFSET_L1_SIZE,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+)
+from .refcount import DISCARD_ALWAYS, DISCARD_NEVER, DISCARD_OTHER, DISCARD_REQUEST
+
+if TYPE_CHECKING:
+    from .driver import Qcow2Driver
+
+# Cluster types, named after QEMU's QCow2SubclusterType.
+UNALLOCATED = 0
+ZERO_PLAIN = 2
+ZERO_ALLOC = 3
+NORMAL = 4
+COMPRESSED = 5
+
+INT_MAX = 0x7FFFFFFF
+REQUEST_MAX_BYTES = (INT_MAX >> 9) << 9
+INVALID_OFFSET = -1
+
+
+def cluster_type(entry: int) -> int:
+    """The type of a standard L2 entry."""
+    if entry & OFLAG_COMPRESSED:
+        return COMPRESSED
+    if entry & OFLAG_ZERO:
+        return ZERO_ALLOC if entry & L2E_OFFSET_MASK else ZERO_PLAIN
+    if not entry & L2E_OFFSET_MASK:
+        return UNALLOCATED
+    return NORMAL
+
+
+def is_allocated_type(ctype: int) -> bool:
+    return ctype in (COMPRESSED, NORMAL, ZERO_ALLOC)
+
+
+def needs_new_alloc(entry: int) -> bool:
+    """Writing this cluster needs a new host cluster (it is not ours alone)."""
+    if entry & OFLAG_COMPRESSED:
+        return True
+    if entry & L2E_OFFSET_MASK and entry & OFLAG_COPIED:
+        return False
+    return True
+
+
+@dataclass
+class CowRegion:
+    offset: int
+    nb_bytes: int
+
+
+@dataclass
+class L2Meta:
+    """An in-flight allocation: QEMU's QCowL2Meta."""
+
+    offset: int            # guest offset of the first cluster
+    alloc_offset: int      # host offset of the first cluster
+    nb_clusters: int
+    keep_old_clusters: bool
+    cow_start: CowRegion
+    cow_end: CowRegion
+    skip_cow: bool = False
+    data: memoryview | None = None
+
+
+class ClusterMapping:
+    """Mixin for the qcow2 driver: the L1/L2 half of QEMU's qcow2 state."""
+
+    s: Qcow2Driver
+
+    # -- lookups -----------------------------------------------------------------------
+
+    def l2_load(self: Qcow2Driver, offset: int, l2_offset: int, l1_index: int) -> tuple[array, int]:
+        """The cached L2 slice covering guest ``offset`` and its cache key."""
+        index_in_table = (offset >> self.cluster_bits) & (self.l2_size - 1)
+        slice_start = (index_in_table & ~(self.l2_slice_size - 1)) * 8
+        key = l2_offset + slice_start
+        cache = self.l2_cache
+        table = cache.tables.get(key)
+        if table is not None:
+            cache.tables.move_to_end(key)
+            return table, key
+        self.check_metadata_location(l2_offset, self.cluster_size,
+                                     f"L2 table (L1 index {l1_index:#x})")
+        return cache.get(key), key
+
+    def get_host_offset(self: Qcow2Driver, offset: int, nbytes: int) -> tuple[int, int, int]:
+        """(bytes of the same type from ``offset``, host offset or entry, type).
+
+        For compressed clusters the whole L2 entry is returned instead of a
+        host offset; unallocated and plain zero ranges return 0.
+        """
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        offset_in_cluster = offset & (cs - 1)
+        bytes_needed = nbytes + offset_in_cluster
+        slice_index = (offset >> cb) & (self.l2_slice_size - 1)
+        bytes_available = (self.l2_slice_size - slice_index) << cb
+        if bytes_needed > bytes_available:
+            bytes_needed = bytes_available
+        host = 0
+        l1_index = offset >> (self.l2_bits + cb)
+        ctype = UNALLOCATED
+        if l1_index < self.l1_size:
+            l2_offset = self.l1_table[l1_index] & L1E_OFFSET_MASK
+            if l2_offset:
+                if l2_offset & (cs - 1):
+                    self.signal_corruption(f"L2 table offset {l2_offset:#x} unaligned "
+                                           f"(L1 index: {l1_index:#x})")
+                table, _ = self.l2_load(offset, l2_offset, l1_index)
+                entry = table[slice_index]
+                ctype = cluster_type(entry)
+                if self.qcow_version < 3 and ctype in (ZERO_PLAIN, ZERO_ALLOC):
+                    self.signal_corruption(
+                        f"Zero cluster entry found in pre-v3 image (L2 offset: "
+                        f"{l2_offset:#x}, L2 index: {slice_index:#x})")
+                if ctype == COMPRESSED:
+                    host = entry
+                elif ctype in (NORMAL, ZERO_ALLOC):
+                    host_cluster = entry & L2E_OFFSET_MASK
+                    host = host_cluster + offset_in_cluster
+                    if host_cluster & (cs - 1):
+                        self.signal_corruption(
+                            f"Cluster allocation offset {host_cluster:#x} unaligned (L2 "
+                            f"offset: {l2_offset:#x}, L2 index: {slice_index:#x})")
+                nb_clusters = (bytes_needed + cs - 1) >> cb
+                count = count_contiguous(table, slice_index, nb_clusters, ctype, cs)
+                bytes_available = count << cb
+        if bytes_available > bytes_needed:
+            bytes_available = bytes_needed
+        return bytes_available - offset_in_cluster, host, ctype
+
+    # -- L1 table ------------------------------------------------------------------------
+
+    def grow_l1_table(self: Qcow2Driver, min_size: int, exact_size: bool) -> None:
+        """Give the L1 table at least ``min_size`` entries in a new place."""
+        if min_size <= self.l1_size:
+            return
+        if min_size > INT_MAX // L1E_SIZE:
+            raise ImageError("File too large", errno=errno.EFBIG)
+        if exact_size:
+            new_size = min_size
+        else:
+            new_size = max(self.l1_size, 1)
+            while min_size > new_size:
+                new_size = -(-new_size * 3 // 2)
+        if new_size > MAX_L1_SIZE // L1E_SIZE:
+            raise ImageError("File too large", errno=errno.EFBIG)
+        new_bytes = new_size * L1E_SIZE
+        new_table = self.l1_table + [0] * (new_size - self.l1_size)
+        refcounts = self.refcounts
+        new_offset = refcounts.alloc_clusters(new_bytes)
+        try:
+            refcounts.cache.flush()
+            self.check_metadata_write(new_offset, new_bytes, ignore=None)
+            self.file.pwrite(new_offset, struct.pack(f">{new_size}Q", *new_table))
+            self.file.pwrite(OFFSET_L1_SIZE, struct.pack(">IQ", new_size, new_offset))
+        except BaseException:
+            refcounts.free_clusters(new_offset, new_bytes, DISCARD_OTHER)
+            raise
+        old_offset, old_size = self.l1_table_offset, self.l1_size
+        self.l1_table = new_table
+        self.l1_table_offset = new_offset
+        self.l1_size = new_size
+        self.metadata_changed()
+        refcounts.free_clusters(old_offset, old_size * L1E_SIZE, DISCARD_OTHER)
+
+    def write_l1_entry(self: Qcow2Driver, l1_index: int) -> None:
+        position = self.l1_table_offset + L1E_SIZE * l1_index
+        self.check_metadata_write(position, L1E_SIZE, ignore="active L1 table")
+        self.file.pwrite(position, struct.pack(">Q", self.l1_table[l1_index]))
+
+    # -- L2 tables -------------------------------------------------------------------------
+
+    def l2_allocate(self: Qcow2Driver, l1_index: int) -> None:
+        """Give L1 entry ``l1_index`` a new L2 table (a copy of the old one, if any)."""
+        old_entry = self.l1_table[l1_index]
+        old_l2 = old_entry & L1E_OFFSET_MASK
+        cs = self.cluster_size
+        refcounts = self.refcounts
+        l2_offset = refcounts.alloc_clusters(cs)
+        try:
+            if l2_offset == 0:
+                self.signal_corruption("Preventing invalid allocation of L2 table at offset 0")
+            refcounts.cache.flush()
+            cache = self.l2_cache
+            slice_bytes = self.l2_slice_size * 8
+            for index in range(cs // slice_bytes):
+                if old_l2:
+                    # Copy the old slice before taking a cache slot for the new
+                    # one, so that neither can be evicted half-done.
+                    old_table, _ = self.l2_load_raw(old_l2 + index * slice_bytes, l1_index)
+                    contents = array(old_table.typecode, old_table)
+                    table = cache.get_empty(l2_offset + index * slice_bytes)
+                    table[:] = contents
+                else:
+                    cache.get_empty(l2_offset + index * slice_bytes)
+                cache.mark_dirty(l2_offset + index * slice_bytes)
+            cache.flush()
+            self.l1_table[l1_index] = l2_offset | OFLAG_COPIED
+            self.metadata_changed()
+            self.write_l1_entry(l1_index)
+        except BaseException:
+            self.l1_table[l1_index] = old_entry
+            self.metadata_changed()
+            refcounts.free_clusters(l2_offset, cs, DISCARD_ALWAYS)
+            raise
+
+    def l2_load_raw(self: Qcow2Driver, key: int, l1_index: int) -> tuple[array, int]:
+        cache = self.l2_cache
+        table = cache.tables.get(key)
+        if table is not None:
+            cache.tables.move_to_end(key)
+            return table, key
+        start = key & ~(self.cluster_size - 1)
+        self.check_metadata_location(start, self.cluster_size,
+                                     f"L2 table (L1 index {l1_index:#x})")
+        return cache.get(key), key
+
+    def get_cluster_table(self: Qcow2Driver, offset: int) -> tuple[array, int, int]:
+        """The L2 slice for ``offset``, creating or un-sharing the table if needed.
+
+        Returns (slice, index in the slice, cache key of the slice).
+        """
+        cb = self.cluster_bits
+        l1_index = offset >> (self.l2_bits + cb)
+        if l1_index >= self.l1_size:
+            self.grow_l1_table(l1_index + 1, False)
+        l2_offset = self.l1_table[l1_index] & L1E_OFFSET_MASK
+        if l2_offset & (self.cluster_size - 1):
+            self.signal_corruption(f"L2 table offset {l2_offset:#x} unaligned "
+                                   f"(L1 index: {l1_index:#x})")
+        if not self.l1_table[l1_index] & OFLAG_COPIED:
+            self.l2_allocate(l1_index)
+            if l2_offset:
+                self.refcounts.free_clusters(l2_offset, self.cluster_size, DISCARD_OTHER)
+            l2_offset = self.l1_table[l1_index] & L1E_OFFSET_MASK
+        table, key = self.l2_load(offset, l2_offset, l1_index)
+        return table, (offset >> cb) & (self.l2_slice_size - 1), key
+
+    # -- allocation for writes ---------------------------------------------------------------
+
+    def alloc_host_offset(self: Qcow2Driver, offset: int,
+                          nbytes: int) -> tuple[int, int, list[L2Meta]]:
+        """Find or allocate host space for a guest range (qcow2_alloc_host_offset).
+
+        Returns (bytes handled from ``offset``, host offset of ``offset``,
+        the allocations to link, newest first).
+        """
+        start = offset
+        remaining = nbytes
+        cluster_offset = INVALID_OFFSET
+        host_offset = INVALID_OFFSET
+        cur_bytes = 0
+        metas: list[L2Meta] = []
+        while True:
+            if host_offset == INVALID_OFFSET and cluster_offset != INVALID_OFFSET:
+                host_offset = cluster_offset
+            start += cur_bytes
+            remaining -= cur_bytes
+            if cluster_offset != INVALID_OFFSET:
+                cluster_offset += cur_bytes
+            if remaining == 0:
+                break
+            cur_bytes = remaining
+            done, cluster_offset, cur_bytes = self.handle_copied(start, cluster_offset,
+                                                                 cur_bytes, metas)
+            if done:
+                continue
+            if cur_bytes == 0:
+                break
+            done, cluster_offset, cur_bytes = self.handle_alloc(start, cluster_offset,
+                                                                cur_bytes, metas)
+            if done:
+                continue
+            break
+        return nbytes - remaining, host_offset, metas
+
+    def handle_copied(self: Qcow2Driver, guest_offset: int, host_offset: int, nbytes: int,
+                      metas: list[L2Meta]) -> tuple[bool, int, int]:
+        """Count clusters that can be overwritten in place."""
+        cs = self.cluster_size
+        cb = self.cluster_bits
+        oic = guest_offset & (cs - 1)
+        nb_clusters = (oic + nbytes + cs - 1) >> cb
+        slice_index = (guest_offset >> cb) & (self.l2_slice_size - 1)
+        nb_clusters = min(nb_clusters, self.l2_slice_size - slice_index,
+                          REQUEST_MAX_BYTES >> cb)
+        table, index, _ = self.get_cluster_table(guest_offset)
+        entry = table[index]
+        cluster_offset = entry & L2E_OFFSET_MASK
+        if needs_new_alloc(entry):
+            return False, host_offset, nbytes
+        if cluster_offset & (cs - 1):
+            kind = "Preallocated zero" if entry & OFLAG_ZERO else "Data"
+            self.signal_corruption(f"{kind} cluster offset {cluster_offset:#x} unaligned "
+                                   f"(guest offset: {guest_offset:#x})")
+        if host_offset != INVALID_OFFSET and cluster_offset != host_offset:
+            return False, host_offset, 0
+        keep = count_single_write_clusters(table, index, nb_clusters, False, cs)
+        nbytes = min(nbytes, keep * cs - oic)
+        self.calculate_l2_meta(cluster_offset, guest_offset, nbytes, table, True, metas)
+        return True, cluster_offset + oic, nbytes
+
+    def handle_alloc(self: Qcow2Driver, guest_offset: int, host_offset: int, nbytes: int,
+                     metas: list[L2Meta]) -> tuple[bool, int, int]:
+        """Allocate new clusters for a range that cannot be written in place."""
+        cs = self.cluster_size
+        cb = self.cluster_bits
+        oic = guest_offset & (cs - 1)
+        nb_clusters = (oic + nbytes + cs - 1) >> cb
+        slice_index = (guest_offset >> cb) & (self.l2_slice_size - 1)
+        nb_clusters = min(nb_clusters, self.l2_slice_size - slice_index,
+                          REQUEST_MAX_BYTES >> cb)
+        table, index, _ = self.get_cluster_table(guest_offset)
+        nb_clusters = count_single_write_clusters(table, index, nb_clusters, True, cs)
+        if host_offset == INVALID_OFFSET:
+            alloc_offset = self.refcounts.alloc_clusters(nb_clusters * cs)
+        else:
+            alloc_offset = host_offset & ~(cs - 1)
+            nb_clusters = self.refcounts.alloc_clusters_at(alloc_offset, nb_clusters)
+            if nb_clusters == 0:
+                return False, host_offset, 0
+        requested = nbytes + oic
+        nb_bytes = min(requested, nb_clusters << cb)
+        nbytes = min(nbytes, nb_bytes - oic)
+        self.calculate_l2_meta(alloc_offset, guest_offset, nbytes, table, False, metas)
+        return True, alloc_offset + oic, nbytes
+
+    def calculate_l2_meta(self: Qcow2Driver, host_cluster_offset: int, guest_offset: int,
+                          nbytes: int, table: array, keep_old: bool,
+                          metas: list[L2Meta]) -> None:
+        """Record which parts of the touched clusters must be copied on write."""
+        cs = self.cluster_size
+        index = (guest_offset >> self.cluster_bits) & (self.l2_slice_size - 1)
+        cow_start_to = guest_offset & (cs - 1)
+        cow_end_from = cow_start_to + nbytes
+        nb_clusters = (cow_end_from + cs - 1) >> self.cluster_bits
+        if keep_old:
+            for i in range(nb_clusters):
+                if cluster_type(table[index + i]) != NORMAL:
+                    break
+            else:
+                return  # plain overwrite in place: nothing to copy or link
+        first_type = cluster_type(table[index])
+        if not keep_old or first_type != NORMAL:
+            cow_start_from = 0
+        else:
+            cow_start_from = cow_start_to
+        last_type = cluster_type(table[index + nb_clusters - 1])
+        if keep_old and last_type == NORMAL:
+            cow_end_to = cow_end_from
+        else:
+            cow_end_to = -(-cow_end_from // cs) * cs
+        metas.insert(0, L2Meta(
+            offset=guest_offset & ~(cs - 1), alloc_offset=host_cluster_offset,
+            nb_clusters=nb_clusters, keep_old_clusters=keep_old,
+            cow_start=CowRegion(cow_start_from, cow_start_to - cow_start_from),
+            cow_end=CowRegion(cow_end_from, cow_end_to - cow_end_from)))
+
+    def perform_cow(self: Qcow2Driver, m: L2Meta) -> None:
+        """Copy the untouched parts of newly allocated clusters from the old view."""
+        start, end = m.cow_start, m.cow_end
+        if (start.nb_bytes == 0 and end.nb_bytes == 0) or m.skip_cow:
+            return
+        data_bytes = end.offset - (start.offset + start.nb_bytes)
+        merge_reads = start.nb_bytes and end.nb_bytes and data_bytes <= 16384
+        if merge_reads:
+            whole = self.preadv(m.offset + start.offset,
+                                start.nb_bytes + data_bytes + end.nb_bytes)
+            start_buf = whole[:start.nb_bytes]
+            end_buf = whole[len(whole) - end.nb_bytes:]
+        else:
+            start_buf = self.preadv(m.offset + start.offset, start.nb_bytes) \
+                if start.nb_bytes else b""
+            end_buf = self.preadv(m.offset + end.offset, end.nb_bytes) \
+                if end.nb_bytes else b""
+        if m.data is not None:
+            buffers = [b for b in (start_buf, m.data, end_buf) if len(b)]
+            total = sum(len(b) for b in buffers)
+            self.check_metadata_write(m.alloc_offset + start.offset, total, ignore=None)
+            self.file.pwritev(m.alloc_offset + start.offset, buffers)
+        else:
+            if start.nb_bytes:
+                self.check_metadata_write(m.alloc_offset + start.offset, start.nb_bytes,
+                                          ignore=None)
+                self.file.pwrite(m.alloc_offset + start.offset, start_buf)
+            if end.nb_bytes:
+                self.check_metadata_write(m.alloc_offset + end.offset, end.nb_bytes,
+                                          ignore=None)
+                self.file.pwrite(m.alloc_offset + end.offset, end_buf)
+
+    def link_l2(self: Qcow2Driver, m: L2Meta) -> None:
+        """Copy on write, then point the L2 entries at the new clusters."""
+        self.perform_cow(m)
+        if self.use_lazy_refcounts:
+            self.mark_dirty()
+        if self.need_accurate_refcounts():
+            self.l2_cache.set_dependency(self.refcounts.cache)
+        table, index, key = self.get_cluster_table(m.offset)
+        self.l2_cache.mark_dirty(key)
+        cs = self.cluster_size
+        old_entries = []
+        host = m.alloc_offset
+        for i in range(m.nb_clusters):
+            old = table[index + i]
+            if old:
+                old_entries.append(old)
+            table[index + i] = (host + i * cs) | OFLAG_COPIED
+        if not m.keep_old_clusters:
+            for old in old_entries:
+                self.refcounts.free_any_cluster(old, DISCARD_NEVER)
+
+    def alloc_cluster_abort(self: Qcow2Driver, m: L2Meta) -> None:
+        if not m.keep_old_clusters:
+            self.refcounts.free_clusters(m.alloc_offset, m.nb_clusters << self.cluster_bits,
+                                         DISCARD_NEVER)
+
+    # -- zeroing and discarding -----------------------------------------------------------
+
+    def zero_in_l2_slice(self: Qcow2Driver, offset: int, nb_clusters: int,
+                         may_unmap: bool) -> int:
+        table, index, key = self.get_cluster_table(offset)
+        nb_clusters = min(nb_clusters, self.l2_slice_size - index)
+        cache = self.l2_cache
+        free_any = self.refcounts.free_any_cluster
+        for i in range(index, index + nb_clusters):
+            old = table[i]
+            ctype = cluster_type(old)
+            unmap = ctype == COMPRESSED or (may_unmap and is_allocated_type(ctype))
+            new = (0 if unmap else old) | OFLAG_ZERO
+            if old == new:
+                continue
+            cache.mark_dirty(key)
+            table[i] = new
+            if unmap:
+                free_any(old, DISCARD_REQUEST)
+        return nb_clusters
+
+    def subcluster_zeroize(self: Qcow2Driver, offset: int, nbytes: int, may_unmap: bool) -> None:
+        """Turn whole clusters into zero clusters (qcow2_subcluster_zeroize)."""
+        if self.qcow_version < 3:
+            if self.backing is None:
+                self.cluster_discard(offset, nbytes, DISCARD_REQUEST, False)
+                return
+            from ..hostfile import NotSupported
+
+            raise NotSupported()
+        cs = self.cluster_size
+        nb_clusters = (nbytes + cs - 1) >> self.cluster_bits
+        refcounts = self.refcounts
+        refcounts.cache_discards = True
+        ok = False
+        try:
+            while nb_clusters > 0:
+                cleared = self.zero_in_l2_slice(offset, nb_clusters, may_unmap)
+                nb_clusters -= cleared
+                offset += cleared * cs
+            ok = True
+        finally:
+            refcounts.cache_discards = False
+            refcounts.process_discards(ok)
+
+    def discard_in_l2_slice(self: Qcow2Driver, offset: int, nb_clusters: int,
+                            discard_type: int, full_discard: bool) -> int:
+        table, index, key = self.get_cluster_table(offset)
+        nb_clusters = min(nb_clusters, self.l2_slice_size - index)
+        has_backing = self.backing is not None
+        zero_entry = OFLAG_ZERO if self.qcow_version >= 3 else 0
+        cache = self.l2_cache
+        free_any = self.refcounts.free_any_cluster
+        for i in range(index, index + nb_clusters):
+            old = table[i]
+            if full_discard:
+                new = 0
+            elif has_backing or is_allocated_type(cluster_type(old)):
+                new = zero_entry
+            else:
+                new = old
+            if old == new:
+                continue
+            cache.mark_dirty(key)
+            table[i] = new
+            free_any(old, discard_type)
+        return nb_clusters
+
+    def cluster_discard(self: Qcow2Driver, offset: int, nbytes: int, discard_type: int,
+                        full_discard: bool) -> None:
+        """Drop the clusters of an aligned range (qcow2_cluster_discard)."""
+        cs = self.cluster_size
+        nb_clusters = (nbytes + cs - 1) >> self.cluster_bits
+        refcounts = self.refcounts
+        refcounts.cache_discards = True
+        ok = False
+        try:
+            while nb_clusters > 0:
+                cleared = self.discard_in_l2_slice(offset, nb_clusters, discard_type,
+                                                   full_discard)
+                nb_clusters -= cleared
+                offset += cleared * cs
+            ok = True
+        finally:
+            refcounts.cache_discards = False
+            refcounts.process_discards(ok)
+
+
+def count_contiguous(table: array, index: int, nb_clusters: int, ctype: int,
+                     cluster_size: int) -> int:
+    """How many clusters from ``index`` share the type (and host contiguity)."""
+    if ctype == COMPRESSED:
+        return 1
+    end = index + nb_clusters
+    if ctype == UNALLOCATED:
+        i = index + 1
+        while i < end and not table[i] & (L2E_OFFSET_MASK | OFLAG_ZERO | OFLAG_COMPRESSED):
+            i += 1
+        return i - index
+    if ctype == ZERO_PLAIN:
+        i = index + 1
+        while i < end:
+            entry = table[i]
+            if entry & OFLAG_COMPRESSED or not entry & OFLAG_ZERO or entry & L2E_OFFSET_MASK:
+                break
+            i += 1
+        return i - index
+    expected = table[index] & L2E_OFFSET_MASK
+    want_zero = ctype == ZERO_ALLOC
+    i = index + 1
+    while i < end:
+        entry = table[i]
+        expected += cluster_size
+        if (entry & OFLAG_COMPRESSED or bool(entry & OFLAG_ZERO) != want_zero
+                or entry & L2E_OFFSET_MASK != expected):
+            break
+        i += 1
+    return i - index
+
+
+def count_single_write_clusters(table: array, index: int, nb_clusters: int,
+                                new_alloc: bool, cluster_size: int) -> int:
+    """Clusters from ``index`` that all need (or all don't need) new allocation."""
+    expected = table[index] & L2E_OFFSET_MASK
+    i = 0
+    while i < nb_clusters:
+        entry = table[index + i]
+        if needs_new_alloc(entry) != new_alloc:
+            break
+        if not new_alloc:
+            if expected != entry & L2E_OFFSET_MASK:
+                break
+            expected += cluster_size
+        i += 1
+    return i

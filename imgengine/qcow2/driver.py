@@ -1,0 +1,966 @@
+"""The qcow2 node (QEMU's block/qcow2.c): open, I/O, zeroing, status, info.
+
+Opening validates the header and every table location before anything is
+used; reads go through L1/L2 (falling back to the backing node); writes
+allocate host clusters in QEMU's order with copy-on-write; write-zeroes and
+discard follow QEMU's rules for partial clusters and image tails; block
+status reports what qemu-img map needs.  Metadata reaches the file in a safe
+order: refcounts before the L2 entries that use them, data before its L2
+entry, L2 tables before the L1 entry pointing at them.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+import zlib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from ..errors import CorruptImageError, ImageError, RequestError, UnsupportedImageError
+from ..hostfile import HostFile, NotSupported
+from ..node import DATA, OFFSET_VALID, RECURSE, ZERO, Driver, DriverStatus
+from . import format as fmt
+from .cache import TableCache, entry_codec
+from .cluster import (
+    COMPRESSED,
+    INT_MAX,
+    NORMAL,
+    UNALLOCATED,
+    ZERO_ALLOC,
+    ZERO_PLAIN,
+    ClusterMapping,
+    L2Meta,
+)
+from .format import (
+    L1E_OFFSET_MASK,
+    L1E_SIZE,
+    OFFSET_INCOMPATIBLE_FEATURES,
+    REFT_OFFSET_MASK,
+    Header,
+)
+from .refcount import (
+    DISCARD_OTHER,
+    DISCARD_REQUEST,
+    DISCARD_SNAPSHOT,
+    MIN_REFCOUNT_CACHE_SIZE,
+    Refcounts,
+)
+
+if TYPE_CHECKING:
+    from ..api import CheckResult, ImageInfo
+
+SECTOR_SIZE = 512
+DEFAULT_L2_CACHE_MAX_SIZE = 32 * 1024 * 1024
+MIN_L2_CACHE_SIZE = 2
+METADATA_OVERLAP_ORDER = ("qcow2_header", "active L1 table", "refcount table",
+                          "snapshot table", "inactive L1 table", "active L2 table",
+                          "refcount block", "bitmap directory")
+
+
+def _bool_option(value: object, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value in ("on", "true", "yes"):
+        return True
+    if value in ("off", "false", "no"):
+        return False
+    raise ImageError(f"Parameter '{name}' expects 'on' or 'off'", errno=errno.EINVAL)
+
+
+def _size_option(value: object, name: str) -> int:
+    from ..sizes import parse_size
+
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        return parse_size(str(value))
+    except ValueError:
+        raise ImageError(f"Parameter '{name}' expects a non-negative number below 2^64",
+                         errno=errno.EINVAL) from None
+
+
+class Snapshot:
+    """What the engine keeps of an internal snapshot: its L1 table."""
+
+    __slots__ = ("l1_table_offset", "l1_size", "id_str", "name")
+
+    def __init__(self, l1_table_offset: int, l1_size: int, id_str: str, name: str) -> None:
+        self.l1_table_offset = l1_table_offset
+        self.l1_size = l1_size
+        self.id_str = id_str
+        self.name = name
+
+
+class Qcow2Driver(ClusterMapping, Driver):
+    format_name = "qcow2"
+    supports_backing = True
+    request_alignment = 1
+
+    def __init__(self, file: HostFile, header: Header, *, read_only: bool) -> None:
+        self.file = file
+        self.header = header
+        self.read_only = read_only
+        self.qcow_version = header.version
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = 1 << header.cluster_bits
+        self.pwrite_zeroes_alignment = self.cluster_size
+        self.pdiscard_alignment = self.cluster_size
+        self.supports_zero_unmap = header.version >= 3
+        self.supports_zero_no_fallback = header.version >= 3
+        self.l2_bits = self.cluster_bits - 3
+        self.l2_size = 1 << self.l2_bits
+        self.refcount_order = header.refcount_order
+        self.total_sectors = header.size // SECTOR_SIZE
+        self.csize_shift = 62 - (self.cluster_bits - 8)
+        self.csize_mask = (1 << (self.cluster_bits - 8)) - 1
+        self.cluster_offset_mask = (1 << self.csize_shift) - 1
+        self.incompatible_features = header.incompatible_features
+        self.compatible_features = header.compatible_features
+        self.autoclear_features = header.autoclear_features
+        self.l1_size = header.l1_size
+        self.l1_table_offset = header.l1_table_offset
+        self.l1_table: list[int] = []
+        self.l1_vm_state_index = 0
+        self.snapshots: list[Snapshot] = []
+        self.snapshots_offset = header.snapshots_offset
+        self.snapshots_size = 0
+        self.use_lazy_refcounts = False
+        self.discard_passthrough = [False, True, False, True, False]
+        self.metadata_prealloc: bool | None = None
+        self.signaled_corruption = False
+        self.broken = False
+        self.image_backing_file = header.backing_file
+        self.image_backing_format = header.backing_format
+        self._overlap_version = 0
+        self._overlap_cache: tuple[int, dict[int, str]] | None = None
+        self.l2_slice_size = self.l2_size
+        self.l2_cache: TableCache
+        self.refcounts: Refcounts
+
+    # -- opening ---------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, file: HostFile, *, read_only: bool,
+             options: Mapping[str, object] | None = None,
+             check_mode: bool = False) -> Qcow2Driver:
+        """Open and validate a qcow2 image (qcow2_do_open)."""
+        options = dict(options or {})
+        read = file.pread
+        header = fmt.unpack_fixed_header(read(0, fmt.HEADER_V3_LENGTH))
+        fmt.validate_basic(header)
+        if header.header_length > fmt.HEADER_V3_LENGTH:
+            header.unknown_fields = read(fmt.HEADER_V3_LENGTH,
+                                         header.header_length - fmt.HEADER_V3_LENGTH)
+        fmt.validate_compression_type(header)
+        unknown_incompatible = header.incompatible_features & ~fmt.INCOMPAT_MASK
+        if unknown_incompatible:
+            probe = fmt.Header(**{k: getattr(header, k) for k in header.__dataclass_fields__})
+            probe.feature_table = []
+            fmt.read_extensions(probe, read, feature_table_only=True)
+            raise UnsupportedImageError(
+                fmt.unsupported_feature_message(probe.feature_table, unknown_incompatible),
+                errno=errno.ENOTSUP)
+        if header.incompatible_features & fmt.INCOMPAT_CORRUPT and not read_only \
+                and not check_mode:
+            raise CorruptImageError("qcow2: Image is corrupt; cannot be opened read/write",
+                                    errno=errno.EACCES)
+        if header.incompatible_features & fmt.INCOMPAT_EXTL2:
+            if header.cluster_size // 32 < 512:
+                raise CorruptImageError(
+                    f"Unsupported subcluster size: {header.cluster_size // 32}",
+                    errno=errno.EINVAL)
+            raise UnsupportedImageError("Images with extended L2 entries (subclusters) "
+                                        "are not supported", errno=errno.ENOTSUP)
+        if header.refcount_order > 6:
+            raise CorruptImageError("Reference count entry width too large; may not "
+                                    "exceed 64 bits", errno=errno.EINVAL)
+        if header.crypt_method:
+            if header.crypt_method not in (fmt.CRYPT_AES, fmt.CRYPT_LUKS):
+                raise UnsupportedImageError(
+                    f"Unsupported encryption method {header.crypt_method}",
+                    errno=errno.EINVAL)
+            raise UnsupportedImageError("Encrypted qcow2 images are not supported",
+                                        errno=errno.ENOTSUP)
+        if header.compression_type != fmt.COMPRESSION_ZLIB:
+            raise UnsupportedImageError("Images using zstd compression are not supported",
+                                        errno=errno.ENOTSUP)
+
+        s = cls(file, header, read_only=read_only)
+        cs = s.cluster_size
+        if header.refcount_table_clusters == 0 and not check_mode:
+            raise CorruptImageError("Image does not contain a reference count table",
+                                    errno=errno.EINVAL)
+        fmt.validate_table(header, header.refcount_table_offset,
+                           header.refcount_table_clusters, cs, fmt.MAX_REFTABLE_SIZE,
+                           "Reference count table")
+        if not check_mode:
+            fmt.validate_table(header, header.snapshots_offset, header.nb_snapshots,
+                               fmt.SNAPSHOT_HEADER_SIZE,
+                               fmt.SNAPSHOT_HEADER_SIZE * fmt.MAX_SNAPSHOTS, "Snapshot table")
+        fmt.validate_table(header, header.l1_table_offset, header.l1_size, L1E_SIZE,
+                           fmt.MAX_L1_SIZE, "Active L1 table")
+        l1_vm_state_index = s.size_to_l1(header.size)
+        if l1_vm_state_index > INT_MAX:
+            raise CorruptImageError("Image is too big", errno=errno.EFBIG)
+        s.l1_vm_state_index = l1_vm_state_index
+        if header.l1_size < l1_vm_state_index:
+            raise CorruptImageError("L1 table is too small", errno=errno.EINVAL)
+        file_size = file.size()
+        if header.l1_size:
+            s._check_table_in_file(header.l1_table_offset, header.l1_size * L1E_SIZE,
+                                   "Active L1 table", file_size)
+            raw = read(header.l1_table_offset, header.l1_size * L1E_SIZE)
+            s.l1_table = list(struct.unpack(f">{header.l1_size}Q", raw))
+
+        s._apply_options(options)
+
+        s.refcounts = Refcounts(s, header.refcount_table_offset,
+                                header.refcount_table_clusters)
+        if header.refcount_table_clusters:
+            s._check_table_in_file(header.refcount_table_offset,
+                                   header.refcount_table_clusters * cs,
+                                   "Reference count table", file_size)
+        s.refcounts.load_table()
+        if header.refcount_table_clusters and not check_mode:
+            s._check_fixed_metadata_overlaps()
+
+        fmt.read_extensions(header, read)
+        if header.incompatible_features & fmt.INCOMPAT_DATA_FILE:
+            raise UnsupportedImageError("Images with an external data file are not supported",
+                                        errno=errno.ENOTSUP)
+        if header.autoclear_features & fmt.AUTOCLEAR_DATA_FILE_RAW:
+            raise CorruptImageError("data-file-raw requires a data file", errno=errno.EINVAL)
+        fmt.read_backing_file_name(header, read)
+        s.image_backing_file = header.backing_file
+        s.image_backing_format = header.backing_format
+        if not check_mode:
+            s._read_snapshots()
+        if header.bitmaps is not None and not read_only:
+            raise UnsupportedImageError("Images with persistent dirty bitmaps can only be "
+                                        "opened read-only", errno=errno.ENOTSUP)
+
+        if not read_only and s.autoclear_features & ~fmt.AUTOCLEAR_MASK:
+            s.autoclear_features &= fmt.AUTOCLEAR_MASK
+            s.update_header()
+        if not check_mode and not read_only and s.incompatible_features & fmt.INCOMPAT_DIRTY:
+            s._repair_dirty_image()
+        return s
+
+    def size_to_l1(self, size: int) -> int:
+        shift = self.cluster_bits + self.l2_bits
+        return (size + (1 << shift) - 1) >> shift
+
+    def _apply_options(self, options: dict[str, object]) -> None:
+        cs = self.cluster_size
+        virtual_size = self.total_sectors * SECTOR_SIZE
+        max_l2_entries = -(-virtual_size // cs)
+        max_l2_cache = -(-(max_l2_entries * 8) // cs) * cs
+        l2_cache_setting = DEFAULT_L2_CACHE_MAX_SIZE
+        if "l2-cache-size" in options:
+            l2_cache_setting = _size_option(options.pop("l2-cache-size"), "l2-cache-size")
+        entry_size_set = "l2-cache-entry-size" in options
+        entry_size = cs
+        if entry_size_set:
+            entry_size = _size_option(options.pop("l2-cache-entry-size"), "l2-cache-entry-size")
+        refcount_cache_size = 0
+        if "refcount-cache-size" in options:
+            refcount_cache_size = _size_option(options.pop("refcount-cache-size"),
+                                               "refcount-cache-size")
+        l2_cache_size = min(max_l2_cache, l2_cache_setting)
+        if "cache-size" in options:
+            combined = _size_option(options.pop("cache-size"), "cache-size")
+            min_refcount = MIN_REFCOUNT_CACHE_SIZE * cs
+            if combined >= max_l2_cache + min_refcount:
+                l2_cache_size = max_l2_cache
+                refcount_cache_size = combined - l2_cache_size
+            else:
+                refcount_cache_size = min(combined, min_refcount)
+                l2_cache_size = combined - refcount_cache_size
+        if l2_cache_size < max_l2_cache and not entry_size_set:
+            entry_size = min(cs, 4096)
+        if entry_size < 512 or entry_size > cs or entry_size & (entry_size - 1):
+            raise ImageError(f"L2 cache entry size must be a power of two between 512 and "
+                             f"the cluster size ({cs})", errno=errno.EINVAL)
+        l2_entries = max(l2_cache_size // entry_size, MIN_L2_CACHE_SIZE)
+        self.refcount_cache_entries = max(refcount_cache_size // cs, MIN_REFCOUNT_CACHE_SIZE)
+        self.l2_slice_size = entry_size // 8
+        decode, encode = entry_codec(64, self.l2_slice_size)
+        self.l2_cache = TableCache(self.file, l2_entries, entry_size, decode, encode,
+                                   before_write=self._before_l2_write)
+
+        lazy = bool(self.compatible_features & fmt.COMPAT_LAZY_REFCOUNTS)
+        if "lazy-refcounts" in options:
+            lazy = _bool_option(options.pop("lazy-refcounts"), "lazy-refcounts")
+        if lazy and self.qcow_version < 3:
+            raise ImageError("Lazy refcounts require a qcow2 image with at least qemu 1.1 "
+                             "compatibility level", errno=errno.EINVAL)
+        self.use_lazy_refcounts = lazy
+        unmap = bool(options.pop("_unmap", True))
+        passthrough = [False, True, unmap, True, False]
+        for name, kind in (("pass-discard-request", DISCARD_REQUEST),
+                           ("pass-discard-snapshot", DISCARD_SNAPSHOT),
+                           ("pass-discard-other", DISCARD_OTHER)):
+            if name in options:
+                passthrough[kind] = _bool_option(options.pop(name), name)
+        self.discard_passthrough = passthrough
+        for ignored in ("cache-clean-interval", "overlap-check"):
+            options.pop(ignored, None)
+        if options:
+            name = sorted(options)[0]
+            raise ImageError(f"Block format 'qcow2' does not support the option '{name}'",
+                             errno=errno.EINVAL)
+
+    def _check_table_in_file(self, offset: int, size: int, name: str, file_size: int) -> None:
+        if offset + size > file_size:
+            raise CorruptImageError(f"{name} at offset {offset:#x} extends past the end of "
+                                    f"the file", errno=errno.EINVAL)
+
+    def _check_fixed_metadata_overlaps(self) -> None:
+        """The header, L1 table and refcount table must not share clusters."""
+        cs = self.cluster_size
+        reft = (self.refcounts.table_offset,
+                self.refcounts.table_size * fmt.REFTABLE_ENTRY_SIZE)
+        if reft[0] < cs:
+            raise CorruptImageError("Reference count table overlaps the qcow2 header",
+                                    errno=errno.EINVAL)
+        if self.l1_size:
+            l1 = (self.l1_table_offset, self.l1_size * L1E_SIZE)
+            if l1[0] < cs:
+                raise CorruptImageError("Active L1 table overlaps the qcow2 header",
+                                        errno=errno.EINVAL)
+            if l1[0] < reft[0] + reft[1] and reft[0] < l1[0] + l1[1]:
+                raise CorruptImageError("Active L1 table overlaps the reference count table",
+                                        errno=errno.EINVAL)
+
+    def _read_snapshots(self) -> None:
+        """Read the snapshot table (qcow2_read_snapshots) for its L1 tables."""
+        count = self.header.nb_snapshots
+        if not count:
+            return
+        read = self.file.pread
+        offset = self.snapshots_offset
+        table_length = 0
+        for index in range(count):
+            table_length = (table_length + 7) & ~7
+            offset = (offset + 7) & ~7
+            raw = read(offset, fmt.SNAPSHOT_HEADER_SIZE)
+            (l1_offset, l1_size, id_size, name_size, _date_sec, _date_nsec, _clock,
+             _vm_state, extra_size) = struct.unpack(">QIHHIIQII", raw)
+            offset += fmt.SNAPSHOT_HEADER_SIZE
+            if extra_size > fmt.MAX_SNAPSHOT_EXTRA_DATA:
+                raise CorruptImageError(
+                    f"Too much extra metadata in snapshot table entry {index}",
+                    errno=errno.EFBIG,
+                    hint="You can force-remove this extra metadata with qemu-img check "
+                         "-r all\n")
+            offset += extra_size
+            id_str = read(offset, id_size).decode("utf-8", "replace")
+            offset += id_size
+            name = read(offset, name_size).decode("utf-8", "replace")
+            offset += name_size
+            table_length += fmt.SNAPSHOT_HEADER_SIZE + extra_size + id_size + name_size
+            if table_length > fmt.MAX_SNAPSHOTS_SIZE or offset - self.snapshots_offset > INT_MAX:
+                raise CorruptImageError(
+                    "Snapshot table is too big", errno=errno.EFBIG,
+                    hint=f"You can force-remove all {count - index} overhanging snapshots "
+                         f"with qemu-img check -r all\n")
+            self.snapshots.append(Snapshot(l1_offset, l1_size, id_str, name))
+        self.snapshots_size = offset - self.snapshots_offset
+
+    def _repair_dirty_image(self) -> None:
+        from .check import check_image
+
+        result = check_image(self, frozenset({"leaks", "all"}), repairing_open=True)
+        if result.check_errors:
+            raise ImageError("Could not repair dirty image: Input/output error",
+                             errno=errno.EIO)
+
+    # -- header updates ------------------------------------------------------------------
+
+    def update_header(self) -> None:
+        """Rewrite the whole first cluster from the current state."""
+        h = self.header
+        h.size = self.total_sectors * SECTOR_SIZE
+        h.l1_size = self.l1_size
+        h.l1_table_offset = self.l1_table_offset
+        h.refcount_table_offset = self.refcounts.table_offset
+        h.refcount_table_clusters = self.refcounts.table_size >> (self.cluster_bits - 3)
+        h.snapshots_offset = self.snapshots_offset
+        h.incompatible_features = self.incompatible_features
+        h.compatible_features = self.compatible_features
+        h.autoclear_features = self.autoclear_features
+        h.backing_file = self.image_backing_file
+        h.backing_format = self.image_backing_format
+        try:
+            cluster = fmt.pack_header_cluster(h)
+        except OSError as exc:
+            raise ImageError(f"Could not update qcow2 header: {exc.strerror}",
+                             errno=exc.errno) from None
+        self.file.pwrite(0, cluster)
+
+    def mark_dirty(self) -> None:
+        """Set the dirty bit before the first lazy refcount change."""
+        if self.incompatible_features & fmt.INCOMPAT_DIRTY:
+            return
+        value = self.incompatible_features | fmt.INCOMPAT_DIRTY
+        self.file.pwrite(OFFSET_INCOMPATIBLE_FEATURES, struct.pack(">Q", value))
+        self.incompatible_features = value
+
+    def mark_clean(self) -> None:
+        if self.incompatible_features & fmt.INCOMPAT_DIRTY:
+            self.incompatible_features &= ~fmt.INCOMPAT_DIRTY
+            self.write_caches(force_refcounts=True)
+            self.update_header()
+
+    def need_accurate_refcounts(self) -> bool:
+        return not self.incompatible_features & fmt.INCOMPAT_DIRTY
+
+    # -- corruption handling ----------------------------------------------------------------
+
+    def signal_corruption(self, message: str, *, fatal: bool = True) -> None:
+        """Refuse to go on with corrupt metadata (qcow2_signal_corruption).
+
+        A writable image is marked corrupt on disk, as QEMU does, so that
+        nothing writes to it until it is repaired.  Always raises.
+        """
+        fatal = fatal and not self.read_only
+        if fatal:
+            notice = (f"qcow2: Marking image as corrupt: {message}; further corruption "
+                      f"events will be suppressed")
+        else:
+            notice = (f"qcow2: Image is corrupt: {message}; further non-fatal corruption "
+                      f"events will be suppressed")
+        error = CorruptImageError(message, errno=errno.EIO)
+        error.notice = notice  # type: ignore[attr-defined]
+        if self.signaled_corruption:
+            error.notice = None  # type: ignore[attr-defined]
+        self.signaled_corruption = True
+        if fatal:
+            self.broken = True
+            self.incompatible_features |= fmt.INCOMPAT_CORRUPT
+            try:
+                self.update_header()
+            except ImageError:
+                pass
+        raise error
+
+    def check_metadata_location(self, offset: int, size: int, what: str) -> None:
+        """A table about to be read must lie inside the file, clear of fixed metadata."""
+        cs = self.cluster_size
+        if offset & (cs - 1):
+            self.signal_corruption(f"{what} offset {offset:#x} unaligned")
+        if offset < cs:
+            self.signal_corruption(f"{what} at offset {offset:#x} overlaps the qcow2 header")
+        if offset + size > self.file.size():
+            self.signal_corruption(f"{what} at offset {offset:#x} lies beyond the end of "
+                                   f"the file")
+        reft_offset = self.refcounts.table_offset
+        reft_size = self.refcounts.table_size * fmt.REFTABLE_ENTRY_SIZE
+        if offset < reft_offset + reft_size and reft_offset < offset + size:
+            self.signal_corruption(f"{what} at offset {offset:#x} overlaps the refcount table")
+        if self.l1_size:
+            l1_end = self.l1_table_offset + self.l1_size * L1E_SIZE
+            if offset < l1_end and self.l1_table_offset < offset + size:
+                self.signal_corruption(f"{what} at offset {offset:#x} overlaps the active "
+                                       f"L1 table")
+
+    def metadata_changed(self) -> None:
+        self._overlap_version += 1
+
+    def _metadata_clusters(self) -> dict[int, str]:
+        """Cluster index -> kind, for every metadata cluster the overlap check knows."""
+        cached = self._overlap_cache
+        if cached is not None and cached[0] == self._overlap_version:
+            return cached[1]
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        kinds: dict[int, str] = {}
+
+        def add_range(offset: int, size: int, kind: str) -> None:
+            if size <= 0:
+                return
+            first = offset >> cb
+            last = (offset + size - 1) >> cb
+            for index in range(first, last + 1):
+                kinds.setdefault(index, kind)
+
+        add_range(0, cs, "qcow2_header")
+        if self.l1_size:
+            add_range(self.l1_table_offset, self.l1_size * L1E_SIZE, "active L1 table")
+        refcounts = self.refcounts
+        if refcounts.table_size:
+            add_range(refcounts.table_offset, refcounts.table_size * fmt.REFTABLE_ENTRY_SIZE,
+                      "refcount table")
+        if self.snapshots_size:
+            add_range(self.snapshots_offset, self.snapshots_size, "snapshot table")
+        for snapshot in self.snapshots:
+            if snapshot.l1_size:
+                add_range(snapshot.l1_table_offset, snapshot.l1_size * L1E_SIZE,
+                          "inactive L1 table")
+        for entry in self.l1_table:
+            l2 = entry & L1E_OFFSET_MASK
+            if l2:
+                add_range(l2, cs, "active L2 table")
+        table = refcounts.table
+        for index in range(min(refcounts.max_table_index + 1, len(table))):
+            block = table[index] & REFT_OFFSET_MASK
+            if block:
+                add_range(block, cs, "refcount block")
+        bitmaps = self.header.bitmaps
+        if bitmaps is not None and self.autoclear_features & fmt.AUTOCLEAR_BITMAPS:
+            add_range(bitmaps.directory_offset, bitmaps.directory_size, "bitmap directory")
+        self._overlap_cache = (self._overlap_version, kinds)
+        return kinds
+
+    def check_metadata_write(self, offset: int, size: int, *, ignore: str | None) -> None:
+        """Refuse a write that would land on metadata (pre-write overlap check)."""
+        if size <= 0:
+            return
+        cs = self.cluster_size
+        hit: str | None = None
+        if offset < cs and ignore != "qcow2_header":
+            hit = "qcow2_header"
+        else:
+            kinds = self._metadata_clusters()
+            first = offset >> self.cluster_bits
+            last = (offset + size - 1) >> self.cluster_bits
+            found = set()
+            if last - first < len(kinds):
+                for index in range(first, last + 1):
+                    kind = kinds.get(index)
+                    if kind is not None and kind != ignore:
+                        found.add(kind)
+            else:
+                for index, kind in kinds.items():
+                    if first <= index <= last and kind != ignore:
+                        found.add(kind)
+            for kind in METADATA_OVERLAP_ORDER:
+                if kind in found:
+                    hit = kind
+                    break
+        if hit is not None:
+            self.signal_corruption(f"Preventing invalid write on metadata (overlaps with "
+                                   f"{hit})")
+
+    def _before_l2_write(self, offset: int, size: int) -> None:
+        self.check_metadata_write(offset, size, ignore="active L2 table")
+
+    # -- compressed clusters ------------------------------------------------------------
+
+    def parse_compressed_entry(self, entry: int) -> tuple[int, int]:
+        """(host offset, byte count) of a compressed cluster's data."""
+        coffset = entry & self.cluster_offset_mask
+        nb_csectors = ((entry >> self.csize_shift) & self.csize_mask) + 1
+        csize = nb_csectors * fmt.COMPRESSED_SECTOR_SIZE - (coffset & 511)
+        return coffset, csize
+
+    def _read_compressed(self, entry: int, offset: int, length: int) -> bytes:
+        coffset, csize = self.parse_compressed_entry(entry)
+        raw = self.file.pread(coffset, csize)
+        cs = self.cluster_size
+        try:
+            decompressor = zlib.decompressobj(-12)
+            data = decompressor.decompress(raw, cs)
+        except zlib.error:
+            data = b""
+        if len(data) < cs:
+            raise RequestError("Input/output error", errno=errno.EIO)
+        start = offset & (cs - 1)
+        return data[start:start + length]
+
+    # -- the Driver interface -------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self.broken:
+            raise RequestError("No medium found", errno=errno.ENOMEDIUM)
+
+    def getlength(self) -> int:
+        return self.total_sectors * SECTOR_SIZE
+
+    def preadv(self, offset: int, length: int) -> bytes:
+        """Read a guest range (qcow2_co_preadv_part); may run past the image end."""
+        self._check_usable()
+        chunks: list[bytes] = []
+        backing = self.backing
+        while length > 0:
+            cur, host, ctype = self.get_host_offset(offset, min(length, INT_MAX))
+            if ctype == NORMAL:
+                chunks.append(self.file.pread(host, cur))
+            elif ctype == UNALLOCATED and backing is not None:
+                chunks.append(backing.read_child(offset, cur))
+            elif ctype == COMPRESSED:
+                chunks.append(self._read_compressed(host, offset, cur))
+            else:
+                chunks.append(bytes(cur))
+            offset += cur
+            length -= cur
+        if len(chunks) == 1:
+            return chunks[0]
+        return b"".join(chunks)
+
+    def pwritev(self, offset: int, data: memoryview) -> None:
+        """Write a guest range with allocation and copy-on-write."""
+        self._check_usable()
+        position = 0
+        remaining = len(data)
+        while remaining > 0:
+            cur = min(remaining, INT_MAX)
+            handled, host, metas = self.alloc_host_offset(offset, cur)
+            try:
+                self.check_metadata_write(host, handled, ignore=None)
+                chunk = data[position:position + handled]
+                self._handle_alloc_space(metas)
+                if not self._merge_cow(offset, handled, chunk, metas):
+                    self.file.pwrite(host, chunk)
+                while metas:
+                    self.link_l2(metas[0])
+                    metas.pop(0)
+            except BaseException:
+                for m in metas:
+                    self.alloc_cluster_abort(m)
+                raise
+            offset += handled
+            position += handled
+            remaining -= handled
+
+    def _merge_cow(self, offset: int, nbytes: int, chunk: memoryview,
+                   metas: list[L2Meta]) -> bool:
+        for m in metas:
+            if m.cow_start.nb_bytes == 0 and m.cow_end.nb_bytes == 0:
+                continue
+            if m.skip_cow:
+                continue
+            if m.offset + m.cow_start.offset + m.cow_start.nb_bytes != offset:
+                continue
+            if m.offset + m.cow_end.offset != offset + nbytes:
+                continue
+            m.data = chunk
+            return True
+        return False
+
+    def _handle_alloc_space(self, metas: list[L2Meta]) -> None:
+        """Zero new clusters with fallocate when their COW parts are all zero."""
+        from ..chain import is_zero_fast
+
+        node = self.node
+        for m in metas:
+            if not m.cow_start.nb_bytes and not m.cow_end.nb_bytes:
+                continue
+            if not is_zero_fast(node, m.offset + m.cow_start.offset, m.cow_start.nb_bytes):
+                continue
+            if not is_zero_fast(node, m.offset + m.cow_end.offset, m.cow_end.nb_bytes):
+                continue
+            start = m.alloc_offset + m.cow_start.offset
+            nbytes = m.cow_end.offset + m.cow_end.nb_bytes - m.cow_start.offset
+            self.check_metadata_write(start, nbytes, ignore=None)
+            try:
+                self.file.write_zeroes(start, nbytes)
+            except NotSupported:
+                continue
+            m.skip_cow = True
+
+    def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        """qcow2_co_pwrite_zeroes: zero clusters, or NotSupported to fall back."""
+        from ..chain import is_zero
+
+        self._check_usable()
+        cs = self.cluster_size
+        head = offset & (cs - 1)
+        tail = -(-(offset + length) // cs) * cs - (offset + length)
+        if offset + length == self.total_sectors * SECTOR_SIZE:
+            tail = 0
+        if head or tail:
+            node = self.node
+            if not (is_zero(node, offset - head, head)
+                    and is_zero(node, offset + length, tail)):
+                raise NotSupported()
+            offset -= head
+            length = cs
+            _, _, ctype = self.get_host_offset(offset, cs)
+            if ctype not in (UNALLOCATED, ZERO_PLAIN, ZERO_ALLOC):
+                raise NotSupported()
+        self.subcluster_zeroize(offset, length, may_unmap)
+
+    def pdiscard(self, offset: int, length: int) -> None:
+        self._check_usable()
+        if self.qcow_version < 3 and self.backing is not None:
+            raise NotSupported()
+        cs = self.cluster_size
+        if (offset | length) & (cs - 1):
+            if offset & (cs - 1) or offset + length != self.total_sectors * SECTOR_SIZE:
+                raise NotSupported()
+        self.cluster_discard(offset, length, DISCARD_REQUEST, False)
+
+    def block_status(self, want_zero: bool, offset: int, length: int) -> DriverStatus:
+        self._check_usable()
+        if self.metadata_prealloc is None:
+            self.metadata_prealloc = self._detect_metadata_preallocation()
+        nbytes, host, ctype = self.get_host_offset(offset, min(INT_MAX, length))
+        flags = 0
+        host_offset = None
+        file = None
+        if ctype in (NORMAL, ZERO_ALLOC):
+            host_offset = host
+            file = self.file
+            flags |= OFFSET_VALID
+        if ctype in (ZERO_PLAIN, ZERO_ALLOC):
+            flags |= ZERO
+        elif ctype != UNALLOCATED:
+            flags |= DATA
+        if self.metadata_prealloc and flags & DATA and flags & OFFSET_VALID:
+            flags |= RECURSE
+        return DriverStatus(flags, nbytes, host_offset, file)
+
+    def _detect_metadata_preallocation(self) -> bool:
+        """QEMU's guess that the image was created with preallocation=metadata."""
+        file_length = self.file.length()
+        real_clusters = self.file.allocated_size() // self.cluster_size
+        threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+        end_cluster = -(-file_length // self.cluster_size)
+        count = 0
+        get = self.refcounts.get
+        index = 0
+        while index < end_cluster and count < threshold:
+            if get(index):
+                count += 1
+            index += 1
+        return count >= threshold
+
+    def write_caches(self, *, force_refcounts: bool = False) -> None:
+        self.l2_cache.flush()
+        if force_refcounts or self.need_accurate_refcounts():
+            self.refcounts.cache.flush()
+
+    def flush(self) -> None:
+        if not self.read_only and not self.broken:
+            self.write_caches()
+        self.file.flush()
+
+    def close(self) -> None:
+        try:
+            if not self.read_only and not self.broken:
+                self.l2_cache.flush()
+                self.refcounts.cache.flush()
+                self.mark_clean()
+            self.file.flush()
+        finally:
+            self.file.close()
+
+    def truncate_grow(self, size: int) -> None:
+        """Grow the image to ``size`` bytes (qcow2_co_truncate without prealloc)."""
+        if size % SECTOR_SIZE:
+            raise ImageError(f"The new size must be a multiple of {SECTOR_SIZE}",
+                             errno=errno.EINVAL)
+        if size < self.total_sectors * SECTOR_SIZE:
+            raise ImageError("qcow2 doesn't support shrinking images yet", errno=errno.ENOTSUP)
+        new_l1_size = self.size_to_l1(size)
+        self.grow_l1_table(new_l1_size, True)
+        self.total_sectors = size // SECTOR_SIZE
+        self.file.pwrite(fmt.OFFSET_SIZE, struct.pack(">Q", size))
+        self.l1_vm_state_index = new_l1_size
+
+    # -- info and check ----------------------------------------------------------------------
+
+    def info(self) -> ImageInfo:
+        from ..api import ImageInfo
+
+        node = self.node
+        full_backing = None
+        if self.image_backing_file is not None:
+            from ..api import resolve_backing_filename
+
+            full_backing = resolve_backing_filename(node.filename, self.image_backing_file)
+        specific: dict[str, object]
+        if self.qcow_version == 2:
+            specific = {"compat": "0.10", "compression-type": "zlib",
+                        "refcount-bits": 1 << self.refcount_order}
+        else:
+            specific = {"compat": "1.1", "compression-type": "zlib",
+                        "lazy-refcounts": bool(self.compatible_features
+                                               & fmt.COMPAT_LAZY_REFCOUNTS),
+                        "refcount-bits": 1 << self.refcount_order,
+                        "corrupt": bool(self.incompatible_features & fmt.INCOMPAT_CORRUPT),
+                        "extended-l2": False}
+        return ImageInfo(
+            filename=node.filename, format_name="qcow2",
+            virtual_size=self.getlength(), actual_size=self.file.allocated_size(),
+            cluster_size=self.cluster_size,
+            vm_state_offset=self.l1_vm_state_index << (self.cluster_bits + self.l2_bits),
+            dirty_flag=bool(self.incompatible_features & fmt.INCOMPAT_DIRTY),
+            backing_filename=self.image_backing_file,
+            full_backing_filename=full_backing,
+            backing_format=self.image_backing_format,
+            format_specific=specific)
+
+    def check(self, fix: frozenset[str]) -> CheckResult:
+        from .check import check_image
+
+        return check_image(self, fix)
+
+
+
+# -- creating images -----------------------------------------------------------------------
+
+_VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
+_PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
+_COMPRESSION_TYPES = ("zlib", "zstd")
+_V3_HINT = "(use version=v3 or greater)"
+
+
+def _validate_create(size: int, options: Mapping[str, object]) -> tuple[int, int, int]:
+    """qcow2's create-time validation; returns (version, cluster size, refcount order)."""
+    compat = options.get("compat")
+    if compat is None:
+        version = 3
+    elif str(compat) in _VERSIONS:
+        version = _VERSIONS[str(compat)]
+    else:
+        raise ImageError(f"Parameter 'version' does not accept value '{compat}'",
+                         errno=errno.EINVAL)
+    prealloc = str(options.get("preallocation", "off"))
+    if prealloc not in _PREALLOCATION_MODES:
+        raise ImageError(f"Parameter 'preallocation' does not accept value '{prealloc}'",
+                         errno=errno.EINVAL)
+    compression = str(options.get("compression_type", "zlib"))
+    if compression not in _COMPRESSION_TYPES:
+        raise ImageError(f"Parameter 'compression-type' does not accept value "
+                         f"'{compression}'", errno=errno.EINVAL)
+    cluster_size = int(options.get("cluster_size", fmt.DEFAULT_CLUSTER_SIZE))  # type: ignore[call-overload]
+    extended_l2 = bool(options.get("extended_l2", False))
+    if extended_l2 and version < 3:
+        raise ImageError("Extended L2 entries are only supported with compatibility level "
+                         f"1.1 and above {_V3_HINT}", errno=errno.EINVAL)
+    cluster_bits = cluster_size.bit_length() - 1
+    if (cluster_bits < fmt.MIN_CLUSTER_BITS or cluster_bits > fmt.MAX_CLUSTER_BITS
+            or 1 << cluster_bits != cluster_size):
+        raise ImageError("Cluster size must be a power of two between 512 and 2048k",
+                         errno=errno.EINVAL)
+    if extended_l2 and cluster_size < 512 * 32:
+        raise ImageError("Extended L2 entries are only supported with cluster sizes of at "
+                         "least 16384 bytes", errno=errno.EINVAL)
+    backing_file = options.get("backing_file")
+    if backing_file is not None and prealloc != "off" and not extended_l2:
+        raise ImageError("Backing file and preallocation can only be used at the same time "
+                         "if extended_l2 is on", errno=errno.EINVAL)
+    if options.get("backing_fmt") is not None and backing_file is None:
+        raise ImageError("Backing format cannot be used without backing file",
+                         errno=errno.EINVAL)
+    if bool(options.get("lazy_refcounts", False)) and version < 3:
+        raise ImageError("Lazy refcounts only supported with compatibility level 1.1 and "
+                         f"above {_V3_HINT}", errno=errno.EINVAL)
+    refcount_bits = int(options.get("refcount_bits", 16))  # type: ignore[call-overload]
+    if refcount_bits > 64 or refcount_bits <= 0 or refcount_bits & (refcount_bits - 1):
+        raise ImageError("Refcount width must be a power of two and may not exceed 64 bits",
+                         errno=errno.EINVAL)
+    if version < 3 and refcount_bits != 16:
+        raise ImageError("Different refcount widths than 16 bits require compatibility "
+                         f"level 1.1 or above {_V3_HINT}", errno=errno.EINVAL)
+    data_file = options.get("data_file")
+    data_file_raw = bool(options.get("data_file_raw", False))
+    if data_file_raw and data_file is None:
+        raise ImageError("data-file-raw requires data-file", errno=errno.EINVAL)
+    if data_file_raw and backing_file is not None:
+        raise ImageError("Backing file and data-file-raw cannot be used at the same time",
+                         errno=errno.EINVAL)
+    if data_file is not None and version < 3:
+        raise ImageError("External data files are only supported with compatibility level "
+                         f"1.1 and above {_V3_HINT}", errno=errno.EINVAL)
+    if compression != "zlib" and version < 3:
+        raise ImageError("Non-zlib compression type is only supported with compatibility "
+                         f"level 1.1 and above {_V3_HINT}", errno=errno.EINVAL)
+    # What QEMU would create but this engine does not handle.
+    if options.get("encryption") or options.get("encrypt.format"):
+        raise UnsupportedImageError("Creating encrypted qcow2 images is not supported",
+                                    errno=errno.ENOTSUP)
+    if extended_l2:
+        raise UnsupportedImageError("Creating images with extended L2 entries is not "
+                                    "supported", errno=errno.ENOTSUP)
+    if data_file is not None:
+        raise UnsupportedImageError("Creating images with an external data file is not "
+                                    "supported", errno=errno.ENOTSUP)
+    if compression != "zlib":
+        raise UnsupportedImageError("Creating images with zstd compression is not supported",
+                                    errno=errno.ENOTSUP)
+    if prealloc != "off":
+        raise UnsupportedImageError(f"Preallocation mode '{prealloc}' is not supported for "
+                                    f"qcow2 images", errno=errno.ENOTSUP)
+    return version, cluster_size, refcount_bits.bit_length() - 1
+
+
+def create_qcow2(filename: str, size: int, options: Mapping[str, object]) -> None:
+    """Create a qcow2 image the way qemu-img create does, step by step.
+
+    The steps (an empty header and refcount table, then the same allocation
+    and header updates QEMU makes) give the same file QEMU writes, whatever
+    the cluster size or refcount width.
+    """
+    import os
+
+    from ..api import create_file
+
+    file = create_file(filename)
+    path = file.filename
+    try:
+        try:
+            version, cluster_size, refcount_order = _validate_create(size, options)
+            cluster_bits = cluster_size.bit_length() - 1
+            header = Header(version=version, cluster_bits=cluster_bits, size=0,
+                            refcount_table_offset=cluster_size, refcount_table_clusters=1,
+                            refcount_order=refcount_order,
+                            header_length=fmt.HEADER_V3_LENGTH)
+            if options.get("lazy_refcounts"):
+                header.compatible_features |= fmt.COMPAT_LAZY_REFCOUNTS
+            raw_header = bytearray(cluster_size)
+            raw_header[:fmt.HEADER_V3_LENGTH] = _initial_header(header)
+            file.pwrite(0, bytes(raw_header))
+            reftable = bytearray(2 * cluster_size)
+            reftable[:8] = struct.pack(">Q", 2 * cluster_size)
+            file.pwrite(cluster_size, bytes(reftable))
+        finally:
+            file.close()
+
+        s = Qcow2Driver.open(HostFile(path, writable=True), read_only=False,
+                             options={"_unmap": False})
+        try:
+            if s.refcounts.alloc_clusters(3 * cluster_size) != 0:
+                raise ImageError("Huh, first cluster in empty image is already in use?",
+                                 errno=errno.EIO)
+            s.update_header()
+            s.truncate_grow(size)
+            backing_file = options.get("backing_file")
+            if backing_file is not None:
+                backing_format = options.get("backing_fmt")
+                name = str(backing_file)
+                s.image_backing_file = name
+                s.image_backing_format = str(backing_format) if backing_format else None
+                try:
+                    if len(name.encode()) > fmt.MAX_BACKING_FILE_NAME:
+                        raise ImageError("Invalid argument", errno=errno.EINVAL)
+                    s.update_header()
+                except ImageError as exc:
+                    import os as _os
+
+                    err = exc.errno or errno.EINVAL
+                    raise ImageError(
+                        f"Could not assign backing file '{name}' with format "
+                        f"'{backing_format if backing_format else '(null)'}': "
+                        f"{_os.strerror(err)}", errno=err) from None
+        finally:
+            s.close()
+    except BaseException:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+
+
+def _initial_header(header: Header) -> bytes:
+    """The bare header qcow2_co_create writes before opening the new image."""
+    fixed = struct.pack(">IIQIIQIIQQIIQ", fmt.MAGIC, header.version, 0, 0,
+                        header.cluster_bits, 0, fmt.CRYPT_NONE, 0, 0,
+                        header.refcount_table_offset, 1, 0, 0)
+    fixed += struct.pack(">QQQII", 0, header.compatible_features, 0,
+                         header.refcount_order, fmt.HEADER_V3_LENGTH)
+    return fixed + b"\0" * 8
