@@ -132,6 +132,9 @@ class BlockNode:
         self.backing = backing
         self.unmap = unmap
         self.closed = False
+        # What QEMU would print on stderr while opening (e.g. the repair of
+        # an image left dirty by lazy refcounts), for the front ends.
+        self.open_messages: list[str] = list(getattr(driver, "open_messages", []))
         driver.node = self
 
     # -- context manager ------------------------------------------------------

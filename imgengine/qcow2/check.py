@@ -691,8 +691,8 @@ class Qcow2Checker:
 
     def flush_caches(self) -> None:
         """qcow2_flush_caches (the L2 cache is never dirty while checking)."""
-        if not self.header.compatible_features & 1:  # lazy refcounts defer them
-            self.cache.flush()
+        if not self.header.incompatible_features & INCOMPAT_DIRTY:
+            self.cache.flush()  # a dirty image may have stale refcounts on disk
 
     def mark_clean(self) -> None:
         if self.header.incompatible_features & INCOMPAT_DIRTY:
@@ -955,7 +955,7 @@ class Qcow2Checker:
         if entries > MAX_IMRT_ENTRIES:
             res.check_errors += 1
             raise _Errno(errno.ENOMEM)
-        self.imrt.extend(bytes(self.refcount_itemsize * (entries - len(self.imrt))))
+        self.imrt.frombytes(bytes(self.refcount_itemsize * (entries - len(self.imrt))))
 
     def inc_refcounts(self, res: _Counts, offset: int, size: int) -> None:
         """qcow2_inc_refcounts_imrt: count one more reference to a byte range."""
@@ -1403,7 +1403,7 @@ class Qcow2Checker:
             needed = cluster + count - contiguous
             if needed > MAX_IMRT_ENTRIES:
                 raise _Errno(errno.ENOMEM)
-            imrt.extend(bytes(self.refcount_itemsize * (needed - len(imrt))))
+            imrt.frombytes(bytes(self.refcount_itemsize * (needed - len(imrt))))
         cluster -= contiguous
         for k in range(count):
             imrt[cluster + k] = 1

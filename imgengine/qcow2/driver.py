@@ -132,6 +132,8 @@ class Qcow2Driver(ClusterMapping, Driver):
         self.broken = False
         self.image_backing_file = header.backing_file
         self.image_backing_format = header.backing_format
+        # Lines QEMU prints while opening (the repair of a dirty image).
+        self.open_messages: list[str] = []
         self._overlap_version = 0
         self._overlap_cache: tuple[int, dict[int, str]] | None = None
         self.l2_slice_size = self.l2_size
@@ -369,12 +371,41 @@ class Qcow2Driver(ClusterMapping, Driver):
         self.snapshots_size = offset - self.snapshots_offset
 
     def _repair_dirty_image(self) -> None:
-        from .check import check_image
+        """Repair an image left dirty (lazy refcounts), as QEMU does on open."""
+        from .check import Qcow2Checker
 
-        result = check_image(self, frozenset({"leaks", "all"}), repairing_open=True)
+        checker = Qcow2Checker(self.file.filename, writable=True, program="qemu-io")
+        try:
+            result = checker.check(frozenset({"all"}))
+        except ImageError as exc:
+            checker.close()
+            raise ImageError(f"Could not repair dirty image: {exc}",
+                             errno=exc.errno) from None
+        self.open_messages.extend(result.messages)
+        self.open_messages.extend(checker.close())
         if result.check_errors:
             raise ImageError("Could not repair dirty image: Input/output error",
                              errno=errno.EIO)
+        self._reload_metadata()
+
+    def _reload_metadata(self) -> None:
+        """Re-read the header fields, L1 and refcount tables changed behind our back."""
+        header = fmt.unpack_fixed_header(self.file.pread(0, fmt.HEADER_V3_LENGTH))
+        self.incompatible_features = header.incompatible_features
+        self.compatible_features = header.compatible_features
+        self.autoclear_features = header.autoclear_features
+        self.header.incompatible_features = header.incompatible_features
+        self.l1_size = header.l1_size
+        self.l1_table_offset = header.l1_table_offset
+        raw = self.file.pread(header.l1_table_offset, header.l1_size * L1E_SIZE)
+        self.l1_table = list(struct.unpack(f">{header.l1_size}Q", raw))
+        self.l2_cache.clear()
+        refcounts = Refcounts(self, header.refcount_table_offset,
+                              header.refcount_table_clusters)
+        refcounts.load_table()
+        self.refcounts = refcounts
+        self.metadata_prealloc = None
+        self.metadata_changed()
 
     # -- header updates ------------------------------------------------------------------
 
@@ -794,9 +825,15 @@ class Qcow2Driver(ClusterMapping, Driver):
             format_specific=specific)
 
     def check(self, fix: frozenset[str]) -> CheckResult:
-        from .check import check_image
+        """qemu-img check on this image (written back first, re-read after repairs)."""
+        from .check import check_qcow2
 
-        return check_image(self, fix)
+        if not self.read_only and not self.broken:
+            self.write_caches(force_refcounts=True)
+        result = check_qcow2(self.file.filename, fix)
+        if fix:
+            self._reload_metadata()
+        return result
 
 
 

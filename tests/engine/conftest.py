@@ -20,7 +20,7 @@ class Qemu:
 
     def __init__(self, img: str, io: str) -> None:
         self.img = img
-        self.io = io
+        self.io_program = io
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run(args, capture_output=True, text=True)
@@ -43,7 +43,7 @@ class Qemu:
 
     def io(self, path: str, command: str, *, fmt: str = "qcow2",
            extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-        return self.run(self.io, "-f", fmt, *extra, "-c", command, path)
+        return self.run(self.io_program, "-f", fmt, *extra, "-c", command, path)
 
     def map(self, path: str, *, fmt: str | None = None) -> list[MapEntry]:
         args = [self.img, "map", "--output=json"]
