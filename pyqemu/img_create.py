@@ -50,13 +50,23 @@ def _desc_from_engine(option: Any) -> OptionDesc:
                       None if default is None else str(default))
 
 
-def format_options(fmt: str) -> list[OptionDesc] | None:
-    """The format's creation options, or None when the engine has no such format."""
+def format_options(fmt: str, with_protocol: bool = True) -> list[OptionDesc] | None:
+    """The format's creation options (with the file protocol's appended, as QEMU
+    appends them once a file name is known), or None for an unknown format."""
     import imgengine
     try:
-        return [_desc_from_engine(option) for option in imgengine.create_options(fmt)]
+        try:
+            table = imgengine.create_options(fmt, with_protocol=with_protocol)
+            protocol_included = True
+        except TypeError:       # an engine whose create_options takes only fmt
+            table = imgengine.create_options(fmt)
+            protocol_included = False
     except (imgengine.ImageError, KeyError, ValueError):
         return None
+    descs = [_desc_from_engine(option) for option in table]
+    if with_protocol and not protocol_included:
+        descs = append_options(descs, FILE_PROTOCOL_OPTIONS)
+    return descs
 
 
 def append_options(first: list[OptionDesc], more: tuple[OptionDesc, ...]) -> list[OptionDesc]:
@@ -82,7 +92,7 @@ def cvtnum(tool: ImgTool, name: str, value: str, low: int = 0, high: int = INT64
 
 
 def _print_option_help(tool: ImgTool, filename: str | None, fmt: str) -> int:
-    descs = format_options(fmt)
+    descs = format_options(fmt, with_protocol=filename is not None)
     if descs is None:
         tool.error(f"Unknown file format '{fmt}'")
         return 1
@@ -90,7 +100,6 @@ def _print_option_help(tool: ImgTool, filename: str | None, fmt: str) -> int:
         if path_has_protocol(filename) and not filename.startswith("file:"):
             tool.error(f"Unknown protocol '{filename.split(':', 1)[0]}'")
             return 1
-        descs = append_options(descs, FILE_PROTOCOL_OPTIONS)
         tool.out("Supported options:\n")
     else:
         tool.out(f"Supported {fmt} options:\n")
@@ -171,7 +180,7 @@ def _create(tool: ImgTool, filename: str, fmt: str, base_filename: str | None,
         raise _CreateFailed(f"Unknown file format '{fmt}'")
     if path_has_protocol(filename) and not filename.startswith("file:"):
         raise _CreateFailed(f"Unknown protocol '{filename.split(':', 1)[0]}'")
-    opts = QemuOpts(append_options(descs, FILE_PROTOCOL_OPTIONS))
+    opts = QemuOpts(descs)
     try:
         if options is not None:
             parse_into(opts, options)
@@ -237,7 +246,9 @@ def _create(tool: ImgTool, filename: str, fmt: str, base_filename: str | None,
             values[item.name] = item.text
     values["size"] = str(image_size)
     try:
-        imgengine.create_image(filename, fmt, values)
+        # the backing file was checked above, as QEMU checks it: the engine
+        # need not open it again
+        imgengine.create_image(filename, fmt, values, unsafe=True)
     except (imgengine.ImageError, OSError) as error:
         if getattr(error, "errno", None) == errno_codes.EFBIG:
             hint = " (try using a larger cluster size)" if _cluster_size(opts) else ""

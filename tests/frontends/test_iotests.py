@@ -11,7 +11,6 @@ from; iotests_passing.txt lists every other test known to pass (one per line,
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -33,13 +32,13 @@ def passing_tests() -> list[str]:
 
 
 def run_iotest(iotests_dir: Path, scratch: Path, test: str, img: Path, io: Path,
-               fmt: str = "qcow2") -> tuple[bool, str]:
+               env: dict[str, str], fmt: str = "qcow2") -> tuple[bool, str]:
     """Run one iotest with QEMU's check script; (passed, transcript)."""
     test_dir = scratch / "test"
     sock_dir = scratch / "sock"
     test_dir.mkdir(parents=True, exist_ok=True)
     sock_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
+    env = dict(env)
     env.update({
         "QEMU_IMG_PROG": str(img), "QEMU_IO_PROG": str(io),
         "QEMU_NBD_PROG": "/bin/false", "QEMU_PROG": "/bin/true", "QSD_PROG": "/bin/true",
@@ -57,24 +56,27 @@ def run_iotest(iotests_dir: Path, scratch: Path, test: str, img: Path, io: Path,
     return passed, transcript
 
 
-def test_iotest_154(qemu_iotests_dir, qemu_img, pyqemu_img, pyqemu_io, tmp_path):
+def test_iotest_154(qemu_iotests_dir, qemu_img, pyqemu_img, pyqemu_io, tmp_path, child_env):
     """The project's starting point: QEMU's test 154 passes against the front ends."""
-    passed, transcript = run_iotest(qemu_iotests_dir, tmp_path, "154", pyqemu_img, pyqemu_io)
+    passed, transcript = run_iotest(qemu_iotests_dir, tmp_path, "154", pyqemu_img, pyqemu_io,
+                                    child_env)
     assert passed, transcript
 
 
 @pytest.mark.parametrize("test", passing_tests())
 def test_iotest_keeps_passing(qemu_iotests_dir, qemu_img, pyqemu_img, pyqemu_io, tmp_path,
-                              test):
-    passed, transcript = run_iotest(qemu_iotests_dir, tmp_path, test, pyqemu_img, pyqemu_io)
+                              child_env, test):
+    passed, transcript = run_iotest(qemu_iotests_dir, tmp_path, test, pyqemu_img, pyqemu_io,
+                                    child_env)
     assert passed, transcript
 
 
-def test_harness_detects_a_failure(qemu_iotests_dir, qemu_img, pyqemu_img, tmp_path):
+def test_harness_detects_a_failure(qemu_iotests_dir, qemu_img, pyqemu_img, tmp_path,
+                                   child_env):
     """A qemu-io that prints nothing must make 154 fail: the check is not vacuous."""
     silent = tmp_path / "silent-qemu-io"
     silent.write_text("#!/bin/sh\nexit 0\n")
     silent.chmod(0o755)
     passed, _transcript = run_iotest(qemu_iotests_dir, tmp_path / "run", "154", pyqemu_img,
-                                     silent)
+                                     silent, child_env)
     assert not passed

@@ -194,7 +194,7 @@ def test_map(twins, engine, args):
                  "lonely.qcow2", "1M"),
                 ("img", "create", "-f", "qcow2", "-o", "cluster_size=2k", "tail.qcow2",
                  "100000"),
-                ("io", "-c", "write -P 7 98k 1k", "-c", "write -z 96k 1k", "tail.qcow2"))
+                ("io", "-c", "write -P 7 97k 1k", "-c", "write -z 96k 1k", "tail.qcow2"))
     twins.compare("img", "map", *args)
 
 
