@@ -9,6 +9,7 @@ way the process would die, so the transcript diff shows where it happened.
 
 from __future__ import annotations
 
+import importlib
 import io
 import traceback
 from collections.abc import Callable
@@ -29,10 +30,10 @@ class EngineBackend(Backend):
     def _entry(self, tool: str) -> EntryPoint:
         if self._entry_points is None:
             try:
-                from pyqemu import img
-                from pyqemu import io as pyqemu_io
-
-                self._entry_points = {QEMU_IMG: img.run, QEMU_IO: pyqemu_io.run}
+                self._entry_points = {
+                    QEMU_IMG: importlib.import_module("pyqemu.img").run,
+                    QEMU_IO: importlib.import_module("pyqemu.io").run,
+                }
             except Exception as error:  # any import failure is a broken front end
                 raise BackendError(
                     "the engine backend calls pyqemu.img.run and pyqemu.io.run, which "
