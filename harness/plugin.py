@@ -92,12 +92,20 @@ class CaseFile(pytest.Module):
 
     def collect(self) -> Any:
         case = load_case(self.path)
+        for other in sorted(self.path.parent.glob(f"{case.seq}-*.yaml")):
+            if other != self.path:
+                raise CaseError(self.path, 1, f"case number {case.seq} is also used by "
+                                              f"{other.name}; each case needs its own "
+                                              "(it names the golden file)")
         for backend in self.config.stash[BACKENDS_KEY]:
             item = CaseItem.from_parent(self, name=f"{case.seq}[{backend}]",
                                         callobj=run_case_item)
             item.case = case
             item.backend_name = backend
             item.user_properties += [(CASE_PROPERTY, case.name), (BACKEND_PROPERTY, backend)]
+            reason = get_backend(backend).unavailable()
+            if reason is not None:
+                item.add_marker(pytest.mark.skip(reason=f"{backend} backend: {reason}"))
             yield item
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
@@ -135,9 +143,6 @@ def run_case_item(file_regression: Any, request: pytest.FixtureRequest) -> None:
     item = request.node
     assert isinstance(item, CaseItem)
     backend = get_backend(item.backend_name)
-    reason = backend.unavailable()
-    if reason is not None:
-        pytest.skip(f"{backend.name} backend: {reason}")
     transcript = run_case(item.case, backend)
     golden = golden_dir(request.config) / item.case.golden_name
     check_golden(file_regression, transcript.text, golden, bad_path(golden, backend.name),

@@ -147,6 +147,30 @@ def test_malformed_case_fails_collection_with_file_and_line(project):
     assert "Traceback" not in run.stdout
 
 
+def test_two_cases_may_not_share_a_number(project):
+    add_case(project, "900-print.yaml")
+    add_case(project, "900-other.yaml")
+    run = pytest_run(project, "cases/900-print.yaml")
+    assert run.returncode == 2
+    assert ("cases/900-print.yaml:1: case number 900 is also used by 900-other.yaml; each "
+            "case needs its own (it names the golden file)") in run.stdout
+
+
+def test_qemu_items_are_skipped_where_qemu_is_missing(project, tmp_path):
+    add_case(project, "900-print.yaml")
+    (project / "golden" / "900.out").write_text(transcript("900", "hello"))
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("QEMU_IMG_PROG", "QEMU_IO_PROG")}
+    env["PATH"] = str(tmp_path / "nowhere")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs",
+                          "cases", "--backend", "engine,qemu"], cwd=project, env=env,
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stdout
+    assert "2 passed, 1 skipped" in run.stdout
+    assert ("SKIPPED [1] cases/900-print.yaml: qemu backend: qemu-img is not installed "
+            "(apt-get install -y qemu-utils)") in run.stdout
+
+
 def test_items_per_backend_select_with_k_and_stop_with_x(project):
     for seq in ("900", "901", "902"):
         add_case(project, f"{seq}-print.yaml")
