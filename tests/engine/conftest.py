@@ -1,5 +1,7 @@
 """Fixtures for the engine tests: a way to run real QEMU on scratch images.
 
+Also registers the Hypothesis profiles the engine tests use
+(``IMGENGINE_HYPOTHESIS=imgengine-ci`` by default, ``thorough`` for more).
 ``qemu`` wraps the real qemu-img/qemu-io (skipping where they are absent,
 through the shared fixtures) with the few operations the differential
 tests need; each call is its own process, as in QEMU's iotests.
@@ -11,8 +13,15 @@ import json
 import subprocess
 
 import pytest
+from hypothesis import settings
 
 from imgengine import MapEntry
+
+# Hypothesis profiles for the engine's property and differential tests: a
+# modest default that keeps CI fast, more with IMGENGINE_HYPOTHESIS=thorough.
+settings.register_profile("imgengine-ci", max_examples=25, deadline=None)
+settings.register_profile("imgengine-thorough", max_examples=400, deadline=None)
+settings.register_profile("thorough", max_examples=400, deadline=None)
 
 
 class Qemu:
