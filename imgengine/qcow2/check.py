@@ -28,10 +28,12 @@ import struct
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError, ImageError, UnsupportedImageError
 from ..hostfile import HostFile
 from .format import (
+    AUTOCLEAR_BITMAPS,
     AUTOCLEAR_DATA_FILE_RAW,
     AUTOCLEAR_MASK,
     COMPRESSED_SECTOR_SIZE,
@@ -73,6 +75,9 @@ from .format import (
     validate_table,
 )
 from .refcount import refcount_metadata_size
+
+if TYPE_CHECKING:
+    from .driver import Qcow2Driver
 
 FIX_LEAKS = 1
 FIX_ERRORS = 2
@@ -428,7 +433,8 @@ class Qcow2Checker:
     prints ("qemu-img" for qemu-img check).
     """
 
-    def __init__(self, path: str, *, writable: bool = False, program: str = "qemu-img") -> None:
+    def __init__(self, path: str, *, writable: bool = False, program: str = "qemu-img",
+                 file: HostFile | None = None) -> None:
         self.path = path
         self.writable = writable
         self.program = program
@@ -441,12 +447,16 @@ class Qcow2Checker:
         self.snapshots_offset = 0
         self.snapshots_size = 0
         self._length: int | None = None
+        self._closed = False
         self.imrt = array("B")
-        self.file = HostFile(path, writable=writable)
+        # Given an already open file (the engine's own node), this is a check
+        # inside that open, which has done its open-time header update.
+        self._owns_file = file is None
+        self.file = HostFile(path, writable=writable) if file is None else file
         try:
             self._open()
         except BaseException:
-            self.file.close()
+            self._close_file()
             raise
 
     # -- opening ---------------------------------------------------------------------
@@ -517,6 +527,9 @@ class Qcow2Checker:
 
         read_extensions(header, read)
         if header.incompatible_features & INCOMPAT_DATA_FILE:
+            if header.data_file is None:
+                raise CorruptImageError("'data-file' is required for this image",
+                                        errno=errno.EINVAL)
             raise UnsupportedImageError("qcow2 images with an external data file are not "
                                         "supported", errno=errno.ENOTSUP)
         if header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW:
@@ -529,7 +542,7 @@ class Qcow2Checker:
             raise UnsupportedImageError("qcow2 images with persistent dirty bitmaps are not "
                                         "supported", errno=errno.ENOTSUP)
         # A writable open drops autoclear bits QEMU does not know.
-        if self.writable and header.autoclear_features & ~AUTOCLEAR_MASK:
+        if self._owns_file and self.writable and header.autoclear_features & ~AUTOCLEAR_MASK:
             header.autoclear_features &= AUTOCLEAR_MASK
             try:
                 self.update_header()
@@ -646,8 +659,13 @@ class Qcow2Checker:
         size = -(-((offset & (cs - 1)) + size) // cs) * cs
         offset &= ~(cs - 1)
 
+        # ranges_overlap() on uint64_t: an empty range ends just before its
+        # start, wrapping round to cover everything when it starts at 0.
+        last = (offset + size - 1) & UINT64_MASK
+
         def overlaps(start: int, length: int) -> bool:
-            return not (start + length - 1 < offset or offset + size - 1 < start)
+            start &= UINT64_MASK
+            return not ((start + length - 1) & UINT64_MASK < offset or last < start)
 
         if check & OL_ACTIVE_L1 and self.l1_size:
             if overlaps(self.l1_table_offset, self.l1_size * L1E_SIZE):
@@ -673,6 +691,13 @@ class Qcow2Checker:
                 block = self.reftable[index] & REFT_OFFSET_MASK
                 if block and overlaps(block, cs):
                     return OL_REFCOUNT_BLOCK
+        if check & OL_BITMAP_DIRECTORY and self.header.autoclear_features & AUTOCLEAR_BITMAPS:
+            bitmaps = self.header.bitmaps
+            if bitmaps is None:
+                if overlaps(0, 0):
+                    return OL_BITMAP_DIRECTORY
+            elif overlaps(bitmaps.directory_offset, bitmaps.directory_size):
+                return OL_BITMAP_DIRECTORY
         return 0
 
     def overlap_check(self, ignore: int, offset: int, size: int) -> int:
@@ -1825,11 +1850,20 @@ class Qcow2Checker:
         Returns the lines QEMU would print meanwhile (normally none).
         """
         messages: list[str] = []
-        if self.file.fd < 0:
+        if self._closed or self.file.fd < 0:
             return messages
+        self._closed = True
+        self.messages = messages
         try:
             if self.writable and not self.unusable:
-                self.messages = messages
+                # bdrv_close flushes first; a failure there is not reported,
+                # but an overlap it runs into makes the node unusable.
+                if not self.header.incompatible_features & INCOMPAT_DIRTY:
+                    self.cache.write_all()
+            if self.writable and not self.unusable:
+                # qcow2_close has already let go of the L1 table, so the
+                # overlap checks of its final flush skip the active L2 tables.
+                self.l1_table = []
                 failed = self.cache.write_all()
                 if failed < 0:
                     self.report("Failed to flush the refcount block cache: "
@@ -1839,10 +1873,15 @@ class Qcow2Checker:
                         self.mark_clean()
                     except _Errno:
                         pass
+            if self.writable:
                 self.file.flush()
         finally:
-            self.file.close()
+            self._close_file()
         return messages
+
+    def _close_file(self) -> None:
+        if self._owns_file:
+            self.file.close()
 
     def __enter__(self) -> Qcow2Checker:
         return self
@@ -1868,4 +1907,65 @@ def check_qcow2(path: str, fix: frozenset[str] = frozenset(), *,
     return result
 
 
-__all__ = ["CheckFailedError", "CheckResult", "Qcow2Checker", "check_qcow2"]
+def check_image(driver: Qcow2Driver, fix: frozenset[str] = frozenset(), *,
+                repairing_open: bool = False, program: str = "qemu-img") -> CheckResult:
+    """Check the image the engine's qcow2 driver has open (``BlockNode.check``).
+
+    The check runs on the driver's own file, from what is on disk (the
+    driver's caches are written first), and afterwards the driver takes over
+    what the check changed: feature bits, L1 and refcount tables, the
+    snapshot table, a corruption signalled.  ``repairing_open`` is the
+    repair QEMU runs when it opens a dirty image read/write; it changes
+    nothing in the check itself.
+    """
+    del repairing_open  # the same qcow2_co_check_locked either way
+    if driver.broken:
+        raise CheckFailedError(_strerror(errno.ENOMEDIUM), errno=errno.ENOMEDIUM)
+    if not driver.read_only:
+        driver.write_caches()
+    checker = Qcow2Checker(driver.file.filename, writable=not driver.read_only,
+                           program=program, file=driver.file)
+    checker.signaled_corruption = driver.signaled_corruption
+    try:
+        return checker.check(fix)
+    finally:
+        if checker.writable and not checker.unusable:
+            # What QEMU would keep in its shared cache goes to disk now, as
+            # the driver's own cache starts afresh.
+            checker.cache.write_all()
+        _hand_back(driver, checker)
+
+
+def _hand_back(driver: Qcow2Driver, checker: Qcow2Checker) -> None:
+    """Bring the driver's in-memory metadata up to what the check left on disk."""
+    from .driver import Snapshot
+
+    header = checker.header
+    driver.incompatible_features = header.incompatible_features
+    driver.compatible_features = header.compatible_features
+    driver.autoclear_features = header.autoclear_features
+    if len(driver.l1_table) == len(checker.l1_table):
+        driver.l1_table[:] = checker.l1_table
+    refcounts = driver.refcounts
+    refcounts.table_offset = checker.reftable_offset
+    refcounts.table_size = checker.reftable_size
+    refcounts.table = list(checker.reftable)
+    refcounts.max_table_index = checker.max_reftable_index
+    refcounts.free_cluster_index = checker.free_cluster_index
+    refcounts.cache.clear()
+    driver.l2_cache.clear()
+    driver.snapshots = [
+        Snapshot(snapshot.l1_table_offset, snapshot.l1_size,
+                 snapshot.id_str.split(b"\0", 1)[0].decode("utf-8", "surrogateescape"),
+                 snapshot.name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape"))
+        for snapshot in checker.snapshots]
+    driver.snapshots_offset = checker.snapshots_offset
+    driver.snapshots_size = checker.snapshots_size
+    driver.header.nb_snapshots = len(checker.snapshots)
+    driver.signaled_corruption = checker.signaled_corruption
+    if checker.unusable:
+        driver.broken = True
+    driver.metadata_changed()
+
+
+__all__ = ["CheckFailedError", "CheckResult", "Qcow2Checker", "check_image", "check_qcow2"]

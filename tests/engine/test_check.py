@@ -1,0 +1,485 @@
+"""The engine's qcow2 check and repair, compared with QEMU 7.2's ``qemu-img check``.
+
+Every image is made by real qemu-img/qemu-io; damaged images are made from
+those by struct writes into their metadata.  Each image is copied twice and
+checked once by QEMU and once by the engine, read-only and with ``-r leaks``
+and ``-r all``: the exit status, the JSON report and every stderr line must
+be the same, a repaired file must be byte-for-byte what QEMU's repair left,
+and a read-only check must not change a byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import random
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+from imgengine.errors import CorruptImageError, ImageError
+from imgengine.qcow2 import format as fmt
+from imgengine.qcow2.check import CheckFailedError, Qcow2Checker, check_qcow2
+
+
+def _load_tools():
+    name = "check_tools"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("check_tools.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+tools = _load_tools()
+MODES = (None, "leaks", "all")
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def make_image(qemu_img: str, qemu_io: str, folder: Path, *, size: str = "16M",
+               options: str = "", io: tuple[str, ...] = (), snapshots: tuple[str, ...] = (),
+               name: str = "test.qcow2") -> Path:
+    """An image made by QEMU: qemu-img create, then qemu-io commands and snapshots."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    argv = [qemu_img, "create", "-f", "qcow2"]
+    if options:
+        argv += ["-o", options]
+    done = tools.run(argv + [str(path), size])
+    assert done.returncode == 0, done.stderr
+    for step in io:
+        if step.startswith("snapshot "):
+            done = tools.run([qemu_img, "snapshot", "-c", step.split()[1], str(path)])
+        else:
+            done = tools.run([qemu_io, "-c", step, str(path)])
+        assert done.returncode == 0, done.stderr
+        assert "error" not in done.stderr.lower(), done.stderr
+    for snapshot in snapshots:
+        done = tools.run([qemu_img, "snapshot", "-c", snapshot, str(path)])
+        assert done.returncode == 0, done.stderr
+    return path
+
+
+def compare_with_qemu(qemu_img: str, image: Path, work: Path, modes=MODES) -> list:
+    """Check ``image`` with QEMU and the engine in each mode; the outcomes must agree."""
+    outcomes = []
+    for mode in modes:
+        theirs, ours = tools.twin_copies(image, work / f"mode-{mode}")
+        before = digest(ours)
+        expected = tools.qemu_check(qemu_img, theirs, mode)
+        actual = tools.engine_check(ours, mode)
+        assert actual == expected, f"-r {mode}"
+        if mode is None:
+            assert digest(ours) == before, "a read-only check changed the image"
+        else:
+            assert tools.same_content(theirs, ours), \
+                f"-r {mode}: {tools.first_difference(theirs, ours)}"
+            assert tools.qemu_check(qemu_img, ours) == tools.qemu_check(qemu_img, theirs)
+        outcomes.append(expected)
+    return outcomes
+
+
+# -- clean images of many shapes -------------------------------------------------------------
+
+DATA = ("write -P 0x11 0 300k", "write -P 0x22 1M 64k", "write -P 0x33 5M 20k")
+
+CLEAN_SHAPES = {
+    "cluster-512": dict(options="cluster_size=512", io=DATA),
+    "cluster-4k": dict(options="cluster_size=4096", io=DATA),
+    "cluster-64k": dict(io=DATA),
+    "cluster-2M": dict(options="cluster_size=2M", size="64M",
+                       io=("write 0 3M", "write -P 7 20M 64k")),
+    "refcount-1": dict(options="cluster_size=4096,refcount_bits=1", io=DATA),
+    "refcount-2": dict(options="cluster_size=4096,refcount_bits=2", io=DATA),
+    "refcount-4": dict(options="cluster_size=4096,refcount_bits=4", io=DATA),
+    "refcount-8": dict(options="cluster_size=4096,refcount_bits=8", io=DATA),
+    "refcount-32": dict(options="refcount_bits=32", io=DATA),
+    "refcount-64": dict(options="refcount_bits=64", io=DATA),
+    "empty": dict(),
+    "zero-clusters": dict(io=("write -P 1 0 256k", "write -z 64k 64k", "write -z -u 128k 64k",
+                              "write -z 2M 128k")),
+    "preallocated-zeros": dict(options="preallocation=metadata", size="4M",
+                               io=("write -P 5 0 64k", "write -z 64k 128k")),
+    "compressed": dict(io=("write -c -P 0x41 0 64k", "write -c -P 0x42 64k 64k",
+                           "write -P 0x43 128k 64k", "write -c 1M 64k")),
+    "compressed-512": dict(options="cluster_size=512",
+                           io=("write -c -P 0x41 0 512", "write -c -P 0x42 512 512",
+                               "write -c -P 3 8k 512")),
+    "snapshots": dict(io=("write -P 1 0 192k", "snapshot one", "write -P 2 64k 64k",
+                          "write -c 1M 64k", "snapshot two", "write -P 3 0 64k")),
+    "snapshots-512": dict(options="cluster_size=512",
+                          io=("write -P 1 0 4k", "snapshot a", "write -P 2 1k 1k")),
+    "reftable-grew": dict(options="cluster_size=512,refcount_bits=64", size="8M",
+                          io=("write -P 9 0 6M",)),
+    "compat-0.10": dict(options="compat=0.10", io=DATA),
+    "compat-0.10-snapshots": dict(options="compat=0.10",
+                                  io=("write 0 128k", "snapshot s", "write 64k 64k")),
+    "lazy-refcounts": dict(options="lazy_refcounts=on", io=DATA),
+    "extended-l2": dict(options="extended_l2=on", io=("write -P 1 0 2k", "write 64k 64k",
+                                                       "write -z 128k 4k", "write 300k 33k")),
+    "extended-l2-compressed": dict(options="extended_l2=on,cluster_size=128k",
+                                   io=("write -c 0 128k", "write -P 1 128k 4k")),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(CLEAN_SHAPES))
+def test_clean_image_matches_qemu(qemu_img, qemu_io, tmp_path, shape):
+    image = make_image(qemu_img, qemu_io, tmp_path / "src", **CLEAN_SHAPES[shape])
+    outcomes = compare_with_qemu(qemu_img, image, tmp_path)
+    assert outcomes[0].status == 0 and outcomes[0].stderr == []
+
+
+def test_backing_file_is_not_needed_for_the_counts(qemu_img, qemu_io, tmp_path):
+    base = make_image(qemu_img, qemu_io, tmp_path / "src", name="base.qcow2", io=DATA)
+    overlay = tmp_path / "src" / "overlay.qcow2"
+    done = tools.run([qemu_img, "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                      str(overlay)])
+    assert done.returncode == 0, done.stderr
+    assert tools.run([qemu_io, "-c", "write -P 8 64k 64k", str(overlay)]).returncode == 0
+    for mode in MODES:
+        work = tmp_path / f"mode-{mode}"
+        theirs, ours = tools.twin_copies(overlay, work)
+        for copy in (theirs, ours):
+            (copy.parent / "base.qcow2").write_bytes(base.read_bytes())
+        assert tools.engine_check(ours, mode) == tools.qemu_check(qemu_img, theirs, mode)
+
+
+def test_dirty_image_left_by_an_aborted_writer(qemu_img, qemu_io, tmp_path):
+    """lazy_refcounts and qemu-io abort leave a dirty image with stale refcounts."""
+    image = make_image(qemu_img, qemu_io, tmp_path / "src", options="lazy_refcounts=on",
+                       io=("write -P 1 0 64k",))
+    done = tools.run([qemu_io, "-c", "write -P 0x5a 512k 128k", "-c", "abort", str(image)])
+    assert done.returncode != 0
+    header = tools.Qcow2Surgery(image).header
+    assert header.incompatible_features & fmt.INCOMPAT_DIRTY
+    outcomes = compare_with_qemu(qemu_img, image, tmp_path)
+    assert outcomes[0].status == 2
+
+
+def test_image_marked_corrupt_is_checked_and_repair_clears_the_bit(qemu_img, qemu_io,
+                                                                   tmp_path):
+    image = make_image(qemu_img, qemu_io, tmp_path / "src", io=DATA)
+    surgery = tools.Qcow2Surgery(image)
+    features = surgery.u64(fmt.OFFSET_INCOMPATIBLE_FEATURES)
+    surgery.set_u64(fmt.OFFSET_INCOMPATIBLE_FEATURES, features | fmt.INCOMPAT_CORRUPT)
+    compare_with_qemu(qemu_img, image, tmp_path)
+
+
+# -- deliberate damage -------------------------------------------------------------------------
+
+def _data_cluster(s, nth: int = 0) -> tuple[int, int, int]:
+    """(L2 entry offset, entry, host cluster index) of the nth mapped data cluster."""
+    where, entry = s.mapped_entries()[nth]
+    return where, entry, (entry & fmt.L2E_OFFSET_MASK) >> s.cluster_bits
+
+
+def damage_raised_refcount(s):
+    _, _, cluster = _data_cluster(s)
+    s.set_refcount(cluster, s.refcount(cluster) + 1)
+
+
+def damage_leaked_cluster(s):
+    where, _, _ = _data_cluster(s, 1)
+    s.set_u64(where, 0)
+
+
+def damage_leak_past_data(s):
+    cluster = s.grow(2) >> s.cluster_bits
+    s.set_refcount(cluster + 1, 1)
+
+
+def damage_refcount_too_low(s):
+    # a cluster shared with the snapshot has refcount 2
+    for _, entry in s.mapped_entries():
+        cluster = (entry & fmt.L2E_OFFSET_MASK) >> s.cluster_bits
+        if s.refcount(cluster) == 2:
+            s.set_refcount(cluster, 1)
+            return
+    raise AssertionError("no shared cluster")
+
+
+def damage_refcount_zero(s):
+    _, _, cluster = _data_cluster(s, 2)
+    s.set_refcount(cluster, 0)
+
+
+def damage_entry_to_free_cluster(s):
+    where, entry, _ = _data_cluster(s)
+    free = s.grow(1)
+    s.set_u64(where, (entry & ~fmt.L2E_OFFSET_MASK) | free)
+
+
+def damage_copied_flag_data(s):
+    where, entry, _ = _data_cluster(s, 1)
+    s.set_u64(where, entry & ~fmt.OFLAG_COPIED)
+
+
+def damage_copied_flag_l1(s):
+    index, _ = s.l2_tables()[0]
+    entry = s.l1_entries()[index]
+    s.set_u64(s.l1_offset(index), entry & ~fmt.OFLAG_COPIED)
+
+
+def damage_copied_flag_compressed(s):
+    for _, table in s.l2_tables():
+        for i in range(s.l2_entries):
+            where = s.l2_entry_offset(table, i)
+            entry = s.u64(where)
+            if entry & fmt.OFLAG_COMPRESSED:
+                s.set_u64(where, entry | fmt.OFLAG_COPIED)
+                return
+    raise AssertionError("no compressed cluster")
+
+
+def damage_missing_refblock(s):
+    s.set_u64(s.reftable_entry_offset(0), 0)
+
+
+def damage_shared_cluster(s):
+    (_, entry), (where, _) = s.mapped_entries()[:2]
+    s.set_u64(where, entry)
+
+
+def damage_misaligned_l2(s):
+    index, _ = s.l2_tables()[0]
+    s.set_u64(s.l1_offset(index), s.l1_entries()[index] + 512)
+
+
+def damage_l2_past_eof(s):
+    index, _ = s.l2_tables()[0]
+    entry = s.l1_entries()[index]
+    s.set_u64(s.l1_offset(index), (entry & ~fmt.L1E_OFFSET_MASK) | (1 << 40))
+
+
+def damage_reftable_entry_past_eof(s):
+    s.set_u64(s.reftable_entry_offset(1), s.grow(0) + 4 * s.cluster_size)
+
+
+def damage_misaligned_data_cluster(s):
+    where, entry, _ = _data_cluster(s)
+    s.set_u64(where, entry + 512)
+
+
+def damage_misaligned_preallocated_zero(s):
+    where, entry, _ = _data_cluster(s)
+    s.set_u64(where, (entry + 512) | fmt.OFLAG_ZERO)
+
+
+def damage_reserved_bits(s):
+    where, entry, _ = _data_cluster(s)
+    s.set_u64(where, entry | 2)
+    index, _ = s.l2_tables()[0]
+    s.set_u64(s.l1_offset(index), s.l1_entries()[index] | (1 << 57))
+
+
+def damage_reftable_reserved_bits(s):
+    s.set_u64(s.reftable_entry_offset(0), s.reftable()[0] | 1)
+
+
+def damage_unaligned_refblock(s):
+    s.set_u64(s.reftable_entry_offset(0), s.reftable()[0] + 512)
+
+
+def damage_refblock_refcount(s):
+    block = s.reftable()[0] >> s.cluster_bits
+    s.set_refcount(block, 2)
+
+
+def damage_l2_on_refblock(s):
+    index, _ = s.l2_tables()[0]
+    entry = s.l1_entries()[index]
+    s.set_u64(s.l1_offset(index), (entry & ~fmt.L1E_OFFSET_MASK) | s.reftable()[0])
+
+
+def damage_snapshot_l1_unaligned(s):
+    h = s.header
+    s.set_u64(h.snapshots_offset, s.u64(h.snapshots_offset) + 512)
+
+
+def damage_snapshot_incomplete(s):
+    # extra_data_size of the first entry: 24 -> 8 (the entry shrinks; the
+    # fields after it are re-read from 16 bytes earlier, so rewrite them there)
+    h = s.header
+    table = s.read(h.snapshots_offset, 4096)
+    id_size, name_size = struct.unpack(">HH", table[12:16])
+    tail = table[40 + 24:40 + 24 + id_size + name_size]
+    s.write(h.snapshots_offset + 36, struct.pack(">I", 8))
+    s.write(h.snapshots_offset + 40 + 8, tail)
+
+
+def damage_snapshot_too_much_extra(s):
+    h = s.header
+    s.write(h.snapshots_offset + 36, struct.pack(">I", 2000))
+
+
+def damage_snapshot_table_offset(s):
+    s.write(fmt.OFFSET_SNAPSHOTS if hasattr(fmt, "OFFSET_SNAPSHOTS") else 64,
+            struct.pack(">Q", 12345))
+
+
+def damage_many_snapshots(s):
+    s.write(60, struct.pack(">I", 70000))
+
+
+def damage_overflow_refcount(s):
+    # with 1-bit refcounts a shared cluster overflows the in-memory count
+    (_, entry), (where, _) = s.mapped_entries()[:2]
+    s.set_u64(where, entry)
+
+
+DAMAGE = {
+    "raised-refcount": (damage_raised_refcount, dict(io=DATA)),
+    "raised-refcount-refcount-1": (damage_raised_refcount,
+                                   dict(options="cluster_size=4096,refcount_bits=2", io=DATA)),
+    "leaked-cluster": (damage_leaked_cluster, dict(io=DATA)),
+    "leak-past-data": (damage_leak_past_data, dict(io=DATA)),
+    "refcount-too-low": (damage_refcount_too_low,
+                         dict(io=("write 0 128k", "snapshot s", "write 64k 64k"))),
+    "refcount-zero": (damage_refcount_zero, dict(io=DATA)),
+    "entry-to-free-cluster": (damage_entry_to_free_cluster, dict(io=DATA)),
+    "copied-flag-data": (damage_copied_flag_data, dict(io=DATA)),
+    "copied-flag-l1": (damage_copied_flag_l1, dict(io=DATA)),
+    "copied-flag-compressed": (damage_copied_flag_compressed,
+                               dict(io=("write -c 0 64k", "write 64k 64k"))),
+    "missing-refblock": (damage_missing_refblock, dict(io=DATA)),
+    "missing-refblock-512": (damage_missing_refblock,
+                             dict(options="cluster_size=512", io=DATA)),
+    "shared-cluster": (damage_shared_cluster, dict(io=DATA)),
+    "misaligned-l2": (damage_misaligned_l2, dict(io=DATA)),
+    "l2-past-eof": (damage_l2_past_eof, dict(io=DATA)),
+    "reftable-entry-past-eof": (damage_reftable_entry_past_eof, dict(io=DATA)),
+    "misaligned-data-cluster": (damage_misaligned_data_cluster, dict(io=DATA)),
+    "misaligned-preallocated-zero": (damage_misaligned_preallocated_zero, dict(io=DATA)),
+    "reserved-bits": (damage_reserved_bits, dict(io=DATA)),
+    "reftable-reserved-bits": (damage_reftable_reserved_bits, dict(io=DATA)),
+    "unaligned-refblock": (damage_unaligned_refblock, dict(options="cluster_size=4096",
+                                                           io=DATA)),
+    "refblock-refcount": (damage_refblock_refcount, dict(io=DATA)),
+    "l2-on-refblock": (damage_l2_on_refblock, dict(io=DATA)),
+    "snapshot-l1-unaligned": (damage_snapshot_l1_unaligned,
+                              dict(io=("write 0 128k", "snapshot s", "write 64k 64k"))),
+    "snapshot-incomplete": (damage_snapshot_incomplete,
+                            dict(io=("write 0 128k", "snapshot s", "write 64k 64k"))),
+    "snapshot-too-much-extra": (damage_snapshot_too_much_extra,
+                                dict(io=("write 0 128k", "snapshot s"))),
+    "snapshot-table-offset": (damage_snapshot_table_offset,
+                              dict(io=("write 0 128k", "snapshot s"))),
+    "many-snapshots": (damage_many_snapshots, dict(io=("write 0 128k", "snapshot s"))),
+    "overflow-refcount": (damage_overflow_refcount,
+                          dict(options="cluster_size=4096,refcount_bits=1", io=DATA)),
+    "extended-l2-misaligned": (damage_misaligned_data_cluster,
+                               dict(options="extended_l2=on", io=("write 0 64k",
+                                                                  "write 64k 64k"))),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_image_matches_qemu(qemu_img, qemu_io, tmp_path, damage):
+    harm, shape = DAMAGE[damage]
+    image = make_image(qemu_img, qemu_io, tmp_path / "src", **shape)
+    harm(tools.Qcow2Surgery(image))
+    outcomes = compare_with_qemu(qemu_img, image, tmp_path)
+    assert outcomes[0].status != 0 or outcomes[0].stderr, "the damage went unnoticed"
+
+
+# -- random damage -------------------------------------------------------------------------------
+
+def _random_value(rng: random.Random, s, old: int) -> int:
+    cs = s.cluster_size
+    size = s.file_size()
+    choice = rng.randrange(9)
+    if choice == 0:
+        return 0
+    if choice == 1:
+        return old ^ (1 << rng.randrange(64))
+    if choice == 2:
+        return (old & ~fmt.L2E_OFFSET_MASK) | rng.randrange(0, size + 2 * cs, cs)
+    if choice == 3:
+        return rng.randrange(0, size + 2 * cs, 512)
+    if choice == 4:
+        return old + rng.choice((1, 512, cs, -cs))
+    if choice == 5:
+        return rng.randrange(1 << 64)
+    if choice == 6:
+        return old | fmt.OFLAG_COPIED
+    if choice == 7:
+        return old & ~fmt.OFLAG_COPIED
+    return rng.randrange(16)
+
+
+def _random_damage(rng: random.Random, s) -> str:
+    """Change one metadata word of ``s``; a description of what was changed."""
+    targets = []
+    for index, table in s.l2_tables():
+        targets.append(("L1", s.l1_offset(index)))
+        for i in range(min(s.l2_entries, 64)):
+            targets.append(("L2", s.l2_entry_offset(table, i)))
+    for index, entry in enumerate(s.reftable()[:4]):
+        targets.append(("reftable", s.reftable_entry_offset(index)))
+        block = entry & fmt.REFT_OFFSET_MASK
+        if block:
+            for k in range(0, min(s.cluster_size, 256), 8):
+                targets.append(("refblock", block + k))
+    kind, where = rng.choice(targets)
+    if kind == "refblock":
+        old = s.u64(where)
+        value = old + rng.choice((1, -1, 1 << 48, 1 << 16, 1 << 8)) if old else rng.randrange(4)
+    else:
+        value = _random_value(rng, s, s.u64(where))
+    s.set_u64(where, value)
+    return f"{kind} at {where:#x} := {value & (2**64 - 1):#x}"
+
+
+RANDOM_SHAPES = (
+    dict(io=DATA),
+    dict(options="cluster_size=512,refcount_bits=4", io=DATA),
+    dict(options="cluster_size=4096", io=("write -P 1 0 64k", "snapshot s", "write -c 128k 4k",
+                                          "write -z 32k 8k")),
+)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_damage_matches_qemu(qemu_img, qemu_io, tmp_path, seed):
+    rng = random.Random(seed)
+    image = make_image(qemu_img, qemu_io, tmp_path / "src", **RANDOM_SHAPES[seed % 3])
+    surgery = tools.Qcow2Surgery(image)
+    changes = [_random_damage(rng, surgery) for _ in range(1 + seed % 3)]
+    try:
+        compare_with_qemu(qemu_img, image, tmp_path)
+    except AssertionError as failure:
+        raise AssertionError(f"after {changes}: {failure}") from failure
+
+
+# -- opening, and the API -------------------------------------------------------------------------
+
+def test_qemu_refuses_and_so_does_the_engine(qemu_img, qemu_io, tmp_path):
+    image = make_image(qemu_img, qemu_io, tmp_path, io=DATA)
+    surgery = tools.Qcow2Surgery(image)
+    surgery.write(36, struct.pack(">I", 0))  # L1 table too small for the virtual size
+    expected = tools.qemu_check(qemu_img, image)
+    assert expected.status == 1
+    with pytest.raises(CorruptImageError) as caught:
+        check_qcow2(str(image))
+    assert expected.stderr == [f"qemu-img: Could not open '{image.name}': {caught.value}"]
+
+
+def test_read_only_checker_refuses_to_repair(qemu_img, qemu_io, tmp_path):
+    image = make_image(qemu_img, qemu_io, tmp_path, io=DATA)
+    with Qcow2Checker(str(image)) as checker, pytest.raises(ImageError):
+        checker.check(frozenset({"leaks"}))
+
+
+def test_failed_check_carries_its_messages(qemu_img, qemu_io, tmp_path):
+    image = make_image(qemu_img, qemu_io, tmp_path, io=DATA)
+    damage_missing_refblock(tools.Qcow2Surgery(image))
+    with pytest.raises(CheckFailedError) as caught:
+        check_qcow2(str(image), frozenset({"leaks"}))
+    assert caught.value.errno == 5
+    assert caught.value.messages[-1] == "ERROR need to rebuild refcount structures"
