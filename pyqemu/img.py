@@ -51,6 +51,11 @@ class ImgTool:
     def error(self, message: str) -> None:
         self.console.error_report(message)
 
+    def notice(self, error: BaseException) -> None:
+        """What QEMU prints on stderr while an engine call fails (see opening)."""
+        from pyqemu.opening import print_notice
+        print_notice(self.console, error)
+
     def error_exit(self, message: str) -> Exit:
         """error_exit(): the message, the --help hint, status 1."""
         self.console.error_report(message)

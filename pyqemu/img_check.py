@@ -37,6 +37,7 @@ def _collect(tool: ImgTool, node: Any, filename: str, fix: frozenset[str]) -> di
     except NotImplementedError:
         raise _CheckError(errno_codes.ENOTSUP) from None
     except (imgengine.ImageError, OSError) as error:
+        tool.notice(error)
         # what QEMU printed while checking, before it gave up
         for message in getattr(error, "messages", None) or ():
             tool.console.err(message if message.endswith("\n") else message + "\n")

@@ -133,7 +133,8 @@ def _compare(tool: ImgTool, quiet: bool, strict: bool, node1: Any, filename1: st
     def status(node: Any, name: str, offset: int, length: int) -> tuple[int, int]:
         try:
             return block_status(node, offset, length)
-        except (imgengine.ImageError, OSError):
+        except (imgengine.ImageError, OSError) as error:
+            tool.notice(error)
             tool.error(f"Sector allocation test failed for {name}")
             raise _Stop(3) from None
 
@@ -141,6 +142,7 @@ def _compare(tool: ImgTool, quiet: bool, strict: bool, node1: Any, filename1: st
         try:
             return bytes(node.read(offset, length))
         except (imgengine.ImageError, OSError) as error:
+            tool.notice(error)
             code = getattr(error, "errno", None) or 5
             tool.error(f"Error while reading offset {offset} of {name}: {os.strerror(code)}")
             raise _Stop(4) from None
@@ -155,6 +157,7 @@ def _compare(tool: ImgTool, quiet: bool, strict: bool, node1: Any, filename1: st
         try:
             return int(node.length())
         except (imgengine.ImageError, OSError) as error:
+            tool.notice(error)
             code = getattr(error, "errno", None) or 5
             tool.error(f"Can't get size of {name}: {os.strerror(code)}")
             raise _Stop(4) from None

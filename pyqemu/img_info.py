@@ -112,13 +112,13 @@ def main(tool: ImgTool, argv: list[str]) -> int:
             return 1
         seen.add(filename)
         node = open_image(tool, filename, fmt, image_opts, read_only=True, without_backing=True)
+        import imgengine
+
         try:
             record = info_record(node.info())
-        except Exception as error:
-            import imgengine
+        except (imgengine.ImageError, OSError) as error:
             from pyqemu.opening import error_text
-            if not isinstance(error, (imgengine.ImageError, OSError)):
-                raise
+            tool.notice(error)
             tool.error(error_text(error))
             return 1
         finally:

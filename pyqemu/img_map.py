@@ -124,7 +124,8 @@ def _walk(tool: ImgTool, node: object, filename: str, as_json: bool, start_offse
         tool.out("%-16s%-16s%-16s%s\n" % ("Offset", "Length", "Mapped to", "File"))
     try:
         length = node.length()  # type: ignore[attr-defined]
-    except (imgengine.ImageError, OSError):
+    except (imgengine.ImageError, OSError) as error:
+        tool.notice(error)
         tool.error(f"Failed to get size for '{filename}'")
         return 1
     if max_length != -1:
@@ -136,6 +137,7 @@ def _walk(tool: ImgTool, node: object, filename: str, as_json: bool, start_offse
         try:
             step = node.map_entry(offset, length - offset)  # type: ignore[attr-defined]
         except (imgengine.ImageError, OSError) as error:
+            tool.notice(error)
             tool.error(f"Could not read file metadata: {_strerror(error)}")
             return 1
         following = Entry(step.start, step.length, step.depth, bool(step.present),

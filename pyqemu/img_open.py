@@ -16,6 +16,8 @@ from pyqemu.opening import (
     from_filename,
     from_image_opts,
     open_node,
+    print_notice,
+    print_open_messages,
 )
 
 
@@ -52,7 +54,13 @@ def open_image(tool: ImgTool, filename: str, fmt: str | None, image_opts: bool,
         request.flat["backing"] = None
         request.options = dict(request.options or {}, backing=None)
     try:
-        return open_node(request, read_only)
+        node = open_node(request, read_only)
     except (imgengine.ImageError, OSError) as error:
+        print_notice(console, error)
         tool.error(f"Could not open '{filename}': {error_text(error)}")
+        hint = getattr(error, "hint", None)
+        if hint:
+            console.err(hint)
         raise Exit(failure_status) from None
+    print_open_messages(console, node)
+    return node

@@ -56,6 +56,7 @@ class OpenFlags:
     def __init__(self) -> None:
         self.read_only = False
         self.nocache = False
+        self.writethrough = True      # qemu-io's default: every write is flushed
         self.native_aio = False
         self.snapshot = False
         self.copy_on_read = False
@@ -63,8 +64,13 @@ class OpenFlags:
     def cache(self, mode: str) -> bool:
         if mode not in CACHE_MODES:
             return False
-        self.nocache = CACHE_MODES[mode][0]
+        self.nocache, self.writethrough = CACHE_MODES[mode]
         return True
+
+    def no_cache(self) -> None:
+        """-n: bypass the host cache, short for -t none."""
+        self.nocache = True
+        self.writethrough = False
 
     def aio(self, mode: str) -> bool:
         if mode not in AIO_MODES:
@@ -81,6 +87,7 @@ class IoSession:
         self.image_opts = image_opts
         self.allow_signals = allow_signals
         self.node: Any = None
+        self.writethrough = True
         self.quit = False
         self._request: Any = None
         self._flags: OpenFlags | None = None
@@ -88,6 +95,15 @@ class IoSession:
 
     def out(self, text: str) -> None:
         self.console.out(text)
+
+    def failed(self, error: BaseException) -> int:
+        """An engine error inside a command: print what QEMU would have printed on
+        stderr while failing (e.g. marking the image corrupt); its errno."""
+        from pyqemu.io_cmds import engine_errno
+        from pyqemu.opening import print_notice
+
+        print_notice(self.console, error)
+        return engine_errno(error)
 
     def report_engine_error(self, error: BaseException) -> None:
         from pyqemu.opening import error_text
@@ -151,14 +167,22 @@ class IoSession:
             console.error_report(prefix + refusal)
             return 1
         try:
-            self.node = open_node(request, flags.read_only)
+            if flags.snapshot:
+                self.node = _open_with_temporary_overlay(request, flags.read_only)
+            else:
+                self.node = open_node(request, flags.read_only)
         except (imgengine.ImageError, OSError) as error:
+            from pyqemu.opening import print_notice
+            print_notice(console, error)
             console.error_report(prefix + error_text(error))
             hint = getattr(error, "hint", None)
             if hint:
                 console.err(hint)
             return 1
+        from pyqemu.opening import print_open_messages
+        print_open_messages(console, self.node)
         self._request, self._flags, self._name = request, flags, name
+        self.writethrough = flags.writethrough
         return 0
 
     @staticmethod
@@ -169,8 +193,6 @@ class IoSession:
         if flags.native_aio and not flags.nocache:
             return ("aio=native was specified, but it requires cache.direct=on, "
                     "which was not specified.")
-        if flags.snapshot:
-            return "-s (temporary snapshot overlay) is not supported by this qemu-io (pyqemu)"
         if flags.copy_on_read:
             return "-C (copy-on-read) is not supported by this qemu-io (pyqemu)"
         return None
@@ -198,7 +220,7 @@ class IoSession:
             if option == "s":
                 flags.snapshot = True
             elif option == "n":
-                flags.nocache = True
+                flags.no_cache()
             elif option == "C":
                 flags.copy_on_read = True
             elif option == "r":
@@ -251,15 +273,19 @@ class IoSession:
         return 0
 
     def reopen_command(self, argv: list[str]) -> int:
-        """The `reopen` command: the same image again with changed options."""
+        """The `reopen` command: the image again, with changed options.
+
+        The engine keeps no state between opens, so a reopen is a close and an
+        open with the merged options; when the new options are refused the image
+        is opened again as it was, as QEMU's reopen transaction leaves it.
+        """
         import imgengine
-        from pyqemu.blockopts import OptionError, QemuOpts, parse_into
-        from pyqemu.opening import error_text, open_node
+        from pyqemu.blockopts import OptionError, QemuOpts, flatten, nest, parse_into
 
         assert self._flags is not None and self._request is not None
         flags = OpenFlags()
         flags.__dict__.update(self._flags.__dict__)
-        changed_rw = False
+        changed_rw = changed_cache = False
         opts = QemuOpts(None)
         parser = GetOpt(argv, "c:o:rw", (), self.console.err)
         for option, value in parser:
@@ -268,6 +294,7 @@ class IoSession:
                 if not flags.cache(text):
                     self.console.error_report(f"Invalid cache option: {text}")
                     return -22
+                changed_cache = True
             elif option == "o":
                 try:
                     parse_into(opts, text)
@@ -288,25 +315,91 @@ class IoSession:
             from pyqemu.io_cmds import COMMANDS_BY_NAME
             self.out(COMMANDS_BY_NAME["reopen"].usage())
             return -22
-        extra = opts.to_flat_dict()
-        if "read-only" in extra:
-            if changed_rw:
-                self.console.error_report("Cannot set both -r/-w and 'read-only'")
-                return -22
-            flags.read_only = extra.pop("read-only") in ("on", True)
-        if extra:
-            # the engine cannot change a live node's driver options
-            self.console.error_report(f"Cannot change the option '{next(iter(extra))}'")
+        extra: dict[str, object] = dict(opts.to_flat_dict())
+        if "read-only" in extra and changed_rw:
+            self.console.error_report("Cannot set both -r/-w and 'read-only'")
             return -22
-        request = self._request
+        if ("cache.direct" in extra or "cache.no-flush" in extra) and changed_cache:
+            self.console.error_report("Cannot set both -c and the cache options")
+            return -22
+        old = self._request
+        current = flatten(old.options or {})
+        fixed = {"node-name": None, "driver": self.node.format_name}
+        for key, value in extra.items():
+            leaf = key.rsplit(".", 1)[-1]
+            if leaf in fixed:
+                before = current.get(key, fixed[leaf] if "." not in key else None)
+                if key == "file.driver":
+                    before = "file"
+                elif key == "backing.driver" and self.node.backing is not None:
+                    before = self.node.backing.format_name
+                if before is None or str(before) != str(value):
+                    self.console.error_report(f"Cannot change the option '{leaf}'")
+                    return -22
+        read_only = flags.read_only
+        merged = dict(current)
+        merged.update(extra)
+        if "read-only" in merged:
+            text = merged.pop("read-only")
+            if text not in ("on", "off", True, False, "yes", "no", "true", "false", "y", "n"):
+                self.console.error_report("Parameter 'read-only' expects 'on' or 'off'")
+                return -22
+            read_only = text in ("on", True, "yes", "true", "y")
+        new_request = type(old)(old.filename, old.fmt, nest(merged) if merged else None, merged)
         self.close()
         try:
-            self.node = open_node(request, flags.read_only)
+            self.node = _open_again(new_request, read_only)
         except (imgengine.ImageError, OSError) as error:
+            from pyqemu.opening import error_text, print_notice
+            print_notice(self.console, error)
             self.console.error_report(error_text(error))
+            self.node = _open_again(old, self._flags.read_only)
             return -22
+        self._request = new_request
+        flags.read_only = read_only
         self._flags = flags
+        self.writethrough = flags.writethrough
         return 0
+
+
+def _open_again(request: Any, read_only: bool) -> Any:
+    from pyqemu.opening import open_node
+    return open_node(request, read_only)
+
+
+def _open_with_temporary_overlay(request: Any, read_only: bool) -> Any:
+    """-s: open the image under a temporary qcow2 overlay that takes all writes.
+
+    As QEMU does, the overlay is a new file in $TMPDIR (else /var/tmp), as large
+    as the image, with the image as its backing node; it is unlinked once open,
+    so it disappears with the process.
+    """
+    import os
+    import tempfile
+
+    import imgengine
+    from pyqemu.opening import open_node
+
+    image = open_node(request, True)
+    try:
+        size = image.length()
+        driver = image.format_name
+    finally:
+        image.close()
+    backing: dict[str, object] = dict(request.options or {})
+    backing.setdefault("driver", request.fmt or driver)
+    if request.filename is not None:
+        backing["file"] = {"driver": "file", "filename": request.filename}
+    folder = os.environ.get("TMPDIR") or "/var/tmp"
+    handle, overlay = tempfile.mkstemp(prefix="vl.", dir=folder)
+    os.close(handle)
+    try:
+        imgengine.create_image(overlay, "qcow2", {"size": str(size)}, unsafe=True)
+        return imgengine.open_image(options={
+            "driver": "qcow2", "file": {"driver": "file", "filename": overlay},
+            "backing": backing}, read_only=read_only)
+    finally:
+        os.unlink(overlay)
 
 
 def _usage(session_console: Console, prog: str) -> None:
@@ -343,7 +436,7 @@ def _main(console: Console, argv: list[str], stdin: TextIO, prog: str,
         if option == "s":
             flags.snapshot = True
         elif option == "n":
-            flags.nocache = True
+            flags.no_cache()
         elif option == "C":
             flags.copy_on_read = True
         elif option == "d":

@@ -291,7 +291,8 @@ def _read_checked(session: IoSession, offset: int, count: int, pattern: int | No
                     if window != bytes([pattern]) * (end - start):
                         mismatch = True
     except (imgengine.ImageError, OSError) as error:
-        return engine_errno(error), False, b""
+        code = session.failed(error)
+        return code, False, b""
     return 0, mismatch, bytes(kept)
 
 
@@ -459,13 +460,14 @@ def write_body(session: IoSession, argv: list[str]) -> int:
     if vmstate:
         error_code = ENOTSUP        # the engine keeps no VM state
     elif zeroes:
-        error_code = _write_zeroes(session, offset, count, may_unmap, fua, no_fallback)
+        error_code = _write_zeroes(session, offset, count, may_unmap, fua or session.writethrough,
+                                   no_fallback)
     elif compressed:
         error_code = _write_compressed(session, offset, count, fill)
     elif count > INT_MAX:
         error_code = ERANGE
     else:
-        error_code = _write_data(session, offset, count, fill, fua)
+        error_code = _write_data(session, offset, count, fill, fua or session.writethrough)
     elapsed = _elapsed(started)
     if error_code:
         session.out(f"write failed: {strerror(error_code)}\n")
@@ -503,7 +505,8 @@ def _write_data(session: IoSession, offset: int, count: int, fill: _Pattern,
         for piece_offset, piece_length in chunks(offset, count):
             node.write(piece_offset, fill.piece(piece_offset - offset, piece_length), fua=fua)
     except (imgengine.ImageError, OSError) as error:
-        return engine_errno(error)
+        code = session.failed(error)
+        return code
     return 0
 
 
@@ -515,7 +518,8 @@ def _write_zeroes(session: IoSession, offset: int, count: int, may_unmap: bool, 
         session.node.write_zeroes(offset, count, may_unmap=may_unmap, fua=fua,
                                   no_fallback=no_fallback)
     except (imgengine.ImageError, OSError) as error:
-        return engine_errno(error)
+        code = session.failed(error)
+        return code
     return 0
 
 
@@ -530,7 +534,8 @@ def _write_compressed(session: IoSession, offset: int, count: int, fill: _Patter
     try:
         writer(offset, fill.piece(0, count))
     except (imgengine.ImageError, OSError) as error:
-        return engine_errno(error)
+        code = session.failed(error)
+        return code
     return 0
 
 
@@ -563,7 +568,8 @@ def writev_body(session: IoSession, argv: list[str]) -> int:
         return -EINVAL
     total = sum(lengths)
     started = time.monotonic_ns()
-    error_code = _write_data(session, offset, total, _Pattern(pattern), fua)
+    error_code = _write_data(session, offset, total, _Pattern(pattern),
+                             fua or session.writethrough)
     elapsed = _elapsed(started)
     if error_code:
         session.out(f"writev failed: {strerror(error_code)}\n")
@@ -615,7 +621,8 @@ def aio_write_body(session: IoSession, argv: list[str]) -> int:
         if count < 0:
             cvtnum_error(session, count, args[1])
             return count
-        error_code = _write_zeroes(session, offset, count, may_unmap, fua, False)
+        error_code = _write_zeroes(session, offset, count, may_unmap,
+                                   fua or session.writethrough, False)
         # QEMU never starts the clock for this request: the time is since boot
         elapsed = time.monotonic_ns()
     else:
@@ -624,7 +631,8 @@ def aio_write_body(session: IoSession, argv: list[str]) -> int:
             return -EINVAL
         count = sum(lengths)
         started = time.monotonic_ns()
-        error_code = _write_data(session, offset, count, _Pattern(pattern), fua)
+        error_code = _write_data(session, offset, count, _Pattern(pattern),
+                                 fua or session.writethrough)
         elapsed = _elapsed(started)
     if error_code:
         session.out(f"aio_write failed: {strerror(error_code)}\n")
@@ -646,7 +654,8 @@ def flush_body(session: IoSession, argv: list[str]) -> int:
     try:
         session.node.flush()
     except (imgengine.ImageError, OSError) as error:
-        return -engine_errno(error)
+        code = session.failed(error)
+        return -code
     return 0
 
 
@@ -676,8 +685,9 @@ def truncate_body(session: IoSession, argv: list[str]) -> int:
     try:
         resize(offset, prealloc=prealloc) if prealloc != "off" else resize(offset)
     except (imgengine.ImageError, OSError) as error:
+        code = session.failed(error)
         session.report_engine_error(error)
-        return -engine_errno(error)
+        return -code
     return 0
 
 
@@ -687,8 +697,9 @@ def length_body(session: IoSession, argv: list[str]) -> int:
     try:
         size = session.node.length()
     except (imgengine.ImageError, OSError) as error:
-        session.out(f"getlength: {strerror(engine_errno(error))}\n")
-        return -engine_errno(error)
+        code = session.failed(error)
+        session.out(f"getlength: {strerror(code)}\n")
+        return -code
     session.out(cvtstr(float(size)) + "\n")
     return 0
 
@@ -702,7 +713,8 @@ def info_body(session: IoSession, argv: list[str]) -> int:
     try:
         info = node.info()
     except (imgengine.ImageError, OSError) as error:
-        return -engine_errno(error)
+        code = session.failed(error)
+        return -code
     session.out(f"cluster size: {cvtstr(float(info.cluster_size or 0))}\n")
     session.out(f"vm state offset: {cvtstr(float(info.vm_state_offset or 0))}\n")
     if info.format_specific is not None:
@@ -741,8 +753,9 @@ def discard_body(session: IoSession, argv: list[str]) -> int:
     try:
         session.node.discard(offset, count)
     except (imgengine.ImageError, OSError) as error:
-        session.out(f"discard failed: {strerror(engine_errno(error))}\n")
-        return -engine_errno(error)
+        code = session.failed(error)
+        session.out(f"discard failed: {strerror(code)}\n")
+        return -code
     elapsed = _elapsed(started)
     if not quiet:
         session.out(report_lines("discard", elapsed, offset, count, count, 1, machine))
@@ -769,8 +782,9 @@ def alloc_body(session: IoSession, argv: list[str]) -> int:
         try:
             allocated, done = session.node.is_allocated(offset, remaining)
         except (imgengine.ImageError, OSError) as error:
-            session.out(f"is_allocated failed: {strerror(engine_errno(error))}\n")
-            return -engine_errno(error)
+            code = session.failed(error)
+            session.out(f"is_allocated failed: {strerror(code)}\n")
+            return -code
         offset += done
         remaining -= done
         if allocated:
@@ -790,9 +804,10 @@ def map_body(session: IoSession, argv: list[str]) -> int:
     try:
         remaining = node.length()
     except (imgengine.ImageError, OSError) as error:
+        code = session.failed(error)
         session.console.error_report(
-            f"Failed to query image length: {strerror(engine_errno(error))}")
-        return -engine_errno(error)
+            f"Failed to query image length: {strerror(code)}")
+        return -code
     while remaining:
         try:
             allocated, count = node.is_allocated(offset, remaining)
@@ -806,9 +821,10 @@ def map_body(session: IoSession, argv: list[str]) -> int:
                 position += more
                 left -= more
         except (imgengine.ImageError, OSError) as error:
+            code = session.failed(error)
             session.console.error_report(
-                f"Failed to get allocation status: {strerror(engine_errno(error))}")
-            return -engine_errno(error)
+                f"Failed to get allocation status: {strerror(code)}")
+            return -code
         if not count:
             session.console.error_report("Unexpected end of image")
             return -EIO

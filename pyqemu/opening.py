@@ -18,6 +18,8 @@ FORCE_SHARE = "force-share"
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from pyqemu.console import Console
+
 
 class OpenRequest:
     """What to hand open_image: filename, format, nested options (and flat ones)."""
@@ -83,6 +85,20 @@ def open_node(request: OpenRequest, read_only: bool) -> Any:
                                 read_only=read_only)
 
 
+def print_notice(console: Console, error: BaseException) -> None:
+    """A line QEMU writes to stderr on its way to failing, which the engine
+    attaches to the error as `notice` (e.g. marking an image corrupt)."""
+    notice = getattr(error, "notice", None)
+    if notice:
+        console.err(notice if notice.endswith("\n") else notice + "\n")
+
+
+def print_open_messages(console: Console, node: Any) -> None:
+    """Lines QEMU writes to stderr while opening (e.g. repairing a dirty image)."""
+    for message in getattr(node, "open_messages", None) or ():
+        console.err(message if message.endswith("\n") else message + "\n")
+
+
 def error_text(error: BaseException) -> str:
     """The engine's own wording for an error (QEMU's inner message)."""
     if isinstance(error, OSError) and error.strerror:
@@ -93,4 +109,4 @@ def error_text(error: BaseException) -> str:
 
 
 __all__ = ["OpenRequest", "OptionError", "from_filename", "from_image_opts", "open_node",
-           "error_text", "force_share_conflict"]
+           "error_text", "force_share_conflict", "print_notice", "print_open_messages"]

