@@ -22,12 +22,13 @@ SUPPORTED_FORMATS = ("file", "qcow2", "raw")
 _COMMANDS = {
     "check": "pyqemu.img_check",
     "compare": "pyqemu.img_compare",
+    "convert": "pyqemu.img_convert",
     "create": "pyqemu.img_create",
     "info": "pyqemu.img_info",
     "map": "pyqemu.img_map",
 }
 # subcommands QEMU 7.2 has that these front ends do not offer
-_NOT_OFFERED = ("amend", "bench", "bitmap", "commit", "convert", "dd", "measure",
+_NOT_OFFERED = ("amend", "bench", "bitmap", "commit", "dd", "measure",
                 "rebase", "resize", "snapshot")
 
 

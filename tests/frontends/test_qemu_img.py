@@ -316,3 +316,57 @@ def test_compare(twins, engine, args):
                 ("img", "create", "-f", "qcow2", "zeroed.qcow2", "1M"),
                 ("io", "-c", "write -z 0 256k", "-c", "write -P 0 512k 64k", "zeroed.qcow2"))
     twins.compare("img", "compare", *args)
+
+
+CONVERT_CASES = [
+    ["-O", "qcow2", "top.qcow2", "out.qcow2"],
+    ["-O", "raw", "top.qcow2", "out.raw"],
+    ["top.qcow2", "out.raw"],
+    ["-f", "qcow2", "-O", "qcow2", "base.qcow2", "out.qcow2"],
+    ["-O", "qcow2", "-o", "cluster_size=4k", "top.qcow2", "out.qcow2"],
+    ["-O", "qcow2", "-S", "0", "top.qcow2", "out.qcow2"],
+    ["-O", "qcow2", "-S", "64k", "top.qcow2", "out.qcow2"],
+    ["-O", "qcow2", "-S", "1000", "top.qcow2", "out.qcow2"],
+    ["-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "top.qcow2", "out.qcow2"],
+    ["-O", "qcow2", "-B", "base.qcow2", "top.qcow2", "out.qcow2"],
+    ["-O", "qcow2", "-o", "backing_file=base.qcow2,backing_fmt=qcow2", "top.qcow2",
+     "out.qcow2"],
+    ["-O", "raw", "-B", "base.qcow2", "-F", "qcow2", "top.qcow2", "out.raw"],
+    ["-O", "qcow2", "base.qcow2", "r.raw", "out.qcow2"],
+    ["-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "base.qcow2", "r.raw", "out.qcow2"],
+    ["-n", "-O", "qcow2", "top.qcow2", "big.qcow2"],
+    ["-n", "--target-is-zero", "-O", "qcow2", "top.qcow2", "big.qcow2"],
+    ["-n", "-O", "qcow2", "big.qcow2", "top.qcow2"],
+    ["-n", "-O", "qcow2", "-o", "cluster_size=4k", "top.qcow2", "big.qcow2"],
+    ["--target-is-zero", "-O", "qcow2", "top.qcow2", "out.qcow2"],
+    ["-O", "qcow2", "-o", "help"],
+    ["-o", "help", "top.qcow2", "out.qcow2"],
+    ["-O", "nope", "top.qcow2", "out.qcow2"],
+    ["-O", "qcow2", "nonexistent", "out.qcow2"],
+    ["-O", "qcow2", "top.qcow2"],
+    ["-O", "qcow2", "-m", "0", "top.qcow2", "out.qcow2"],
+    ["-O", "qcow2", "-m", "16", "top.qcow2", "out.qcow2"],
+    ["-O", "qcow2", "-T", "bogus", "top.qcow2", "out.qcow2"],
+    ["-O", "qcow2", "-t", "bogus", "top.qcow2", "out.qcow2"],
+    ["-O", "qcow2", "-o", "foo=bar", "top.qcow2", "out.qcow2"],
+    ["-O", "qcow2", "-p", "top.qcow2", "out.qcow2"],
+    ["-q", "-p", "-O", "qcow2", "top.qcow2", "out.qcow2"],
+    ["-O", "qcow2", "-C", "top.qcow2", "out.qcow2"],
+    ["-O", "qcow2", "-C", "-S", "4k", "top.qcow2", "out.qcow2"],
+]
+
+
+@pytest.mark.parametrize("args", CONVERT_CASES, ids=_id)
+def test_convert(twins, engine, args):
+    twins.setup(BASE, TOP, RAW, DATA_IN_BASE, DATA_IN_TOP,
+                ("io", "-f", "raw", "-c", "write -P 0x44 8k 8k", "-c", "write -P 0 32k 8k",
+                 "r.raw"),
+                ("io", "-c", "write -P 0 640k 64k", "-c", "write -P 0x55 700k 1k", "top.qcow2"),
+                ("img", "create", "-f", "qcow2", "big.qcow2", "4M"),
+                ("io", "-c", "write -P 0x66 0 1M", "big.qcow2"))
+    result = twins.compare("img", "convert", *args)
+    for name, fmt in (("out.qcow2", "qcow2"), ("out.raw", "raw"), ("big.qcow2", "qcow2")):
+        if (twins.qemu.folder / name).exists() or (twins.ours.folder / name).exists():
+            twins.same_images(name, fmt=fmt)
+    if result.status == 0 and "out.qcow2" in args:
+        twins.compare("img", "compare", "top.qcow2", "out.qcow2")
