@@ -24,11 +24,12 @@ _COMMANDS = {
     "compare": "pyqemu.img_compare",
     "convert": "pyqemu.img_convert",
     "create": "pyqemu.img_create",
+    "dd": "pyqemu.img_dd",
     "info": "pyqemu.img_info",
     "map": "pyqemu.img_map",
 }
 # subcommands QEMU 7.2 has that these front ends do not offer
-_NOT_OFFERED = ("amend", "bench", "bitmap", "commit", "dd", "measure",
+_NOT_OFFERED = ("amend", "bench", "bitmap", "commit", "measure",
                 "rebase", "resize", "snapshot")
 
 

@@ -370,3 +370,33 @@ def test_convert(twins, engine, args):
             twins.same_images(name, fmt=fmt)
     if result.status == 0 and "out.qcow2" in args:
         twins.compare("img", "compare", "top.qcow2", "out.qcow2")
+
+
+DD_CASES = [
+    ["if=top.qcow2", "of=out.raw"],
+    ["-O", "qcow2", "if=top.qcow2", "of=out.qcow2"],
+    ["-O", "qcow2", "bs=64k", "if=top.qcow2", "of=out.qcow2"],
+    ["-O", "qcow2", "bs=4k", "count=10", "if=top.qcow2", "of=out.qcow2"],
+    ["-O", "qcow2", "bs=4k", "skip=10", "if=top.qcow2", "of=out.qcow2"],
+    ["-O", "qcow2", "bs=4k", "skip=10", "count=20", "if=top.qcow2", "of=out.qcow2"],
+    ["-O", "qcow2", "bs=4k", "skip=1000", "if=top.qcow2", "of=out.qcow2"],
+    ["-O", "qcow2", "bs=1000", "count=3", "if=top.qcow2", "of=out.qcow2"],
+    ["-f", "raw", "bs=1M", "if=r.raw", "of=out.raw"],
+    ["bs=0", "if=top.qcow2", "of=out.raw"],
+    ["bs=3G", "if=top.qcow2", "of=out.raw"],
+    ["count=x", "if=top.qcow2", "of=out.raw"],
+    ["if=top.qcow2"],
+    ["if=top.qcow2", "of=out.raw", "bogus"],
+    ["if=top.qcow2", "of=out.raw", "foo=bar"],
+    ["-O", "nope", "if=top.qcow2", "of=out.raw"],
+    ["if=nonexistent", "of=out.raw"],
+]
+
+
+@pytest.mark.parametrize("args", DD_CASES, ids=_id)
+def test_dd(twins, engine, args):
+    twins.setup(BASE, TOP, RAW, DATA_IN_BASE, DATA_IN_TOP)
+    twins.compare("img", "dd", *args)
+    for name, fmt in (("out.qcow2", "qcow2"), ("out.raw", "raw")):
+        if (twins.qemu.folder / name).exists() or (twins.ours.folder / name).exists():
+            twins.same_images(name, fmt=fmt)
