@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint check bless
+.PHONY: venv test lint check bless bench
 
 venv: $(STAMP)
 
@@ -30,3 +30,8 @@ check: $(STAMP)
 # Rewrite golden/*.out by running the cases on real QEMU (all, or CASES="...").
 bless: $(STAMP)
 	$(PY) -m harness bless $(CASES)
+
+# Speed and memory as ratios against QEMU measured in the same run (needs
+# qemu-utils, QEMU's source for the 154 comparison, and ~3 GiB of free disk).
+bench: $(STAMP)
+	$(PY) bench/run.py $(ARGS)
