@@ -9,9 +9,11 @@ backing file cannot supply into zeroes "allocated" at that layer.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
+from .errors import ImageError
 from .node import ALLOCATED, DATA, EOF, OFFSET_VALID, ZERO, BlockNode
 
 if TYPE_CHECKING:
@@ -141,6 +143,9 @@ def map_entries(node: BlockNode, start: int = 0,
     while curr.start + curr.length < end:
         offset = curr.start + curr.length
         nxt = map_entry(node, offset, end - offset)
+        if nxt.length <= 0:
+            raise ImageError("Could not read file metadata: Input/output error",
+                             errno=errno.EIO)
         if mergeable(curr, nxt):
             curr.length += nxt.length
             continue

@@ -286,11 +286,13 @@ class HostFile:
             return start, hole
         return -errno.EBUSY
 
-    def block_status(self, offset: int, length: int) -> tuple[int, int]:
+    def block_status(self, offset: int, length: int, *,
+                     want_zero: bool = True) -> tuple[int, int]:
         """Status of the file at ``offset`` as QEMU's file node reports it.
 
         Returns (flags, pnum) with DATA or ZERO, OFFSET_VALID, ALLOCATED and
         EOF set as QEMU's generic layer adds them for a protocol node.
+        Without ``want_zero`` everything is data, as file-posix answers then.
         """
         total = self.length()
         if offset >= total:
@@ -298,6 +300,9 @@ class HostFile:
         if length <= 0:
             return 0, 0
         length = min(length, total - offset)
+        if not want_zero:
+            flags = STATUS_DATA | STATUS_OFFSET_VALID | STATUS_ALLOCATED
+            return (flags | STATUS_EOF if offset + length == total else flags), length
         found = self._find_allocation(offset)
         if found == -errno.ENXIO:
             flags, pnum = STATUS_ZERO, length

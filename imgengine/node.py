@@ -135,6 +135,9 @@ class BlockNode:
         # What QEMU would print on stderr while opening (e.g. the repair of
         # an image left dirty by lazy refcounts), for the front ends.
         self.open_messages: list[str] = list(getattr(driver, "open_messages", []))
+        # Lines QEMU would print on stderr while serving requests (e.g. a
+        # failed refcount decrease); the front ends may print and clear them.
+        self.messages: list[str] = getattr(driver, "messages", [])
         driver.node = self
 
     # -- context manager ------------------------------------------------------
@@ -312,6 +315,12 @@ class BlockNode:
             pnum = length
         if flags & OFFSET_VALID and host is not None:
             host += offset - aligned_offset
+        if flags & RAW and file is not None and host is not None:
+            # The format maps straight onto its file: the file's status it is.
+            flags, pnum = file.block_status(host, pnum, want_zero=want_zero)
+            if offset + pnum == total:
+                flags |= EOF
+            return DriverStatus(flags, pnum, host, file)
         if flags & (DATA | ZERO):
             flags |= ALLOCATED
         elif driver.supports_backing:
@@ -322,7 +331,7 @@ class BlockNode:
                 flags |= ZERO
         if (want_zero and flags & RECURSE and file is not None and flags & DATA
                 and not flags & ZERO and flags & OFFSET_VALID):
-            file_flags, file_pnum = file.block_status(host, pnum)
+            file_flags, file_pnum = file.block_status(host, pnum, want_zero=True)
             if file_flags & EOF and (not file_pnum or file_flags & ZERO):
                 flags |= ZERO
             else:

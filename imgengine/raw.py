@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from .errors import RequestError
 from .hostfile import SECTOR_SIZE, HostFile, NotSupported
-from .node import OFFSET_VALID, Driver, DriverStatus
+from .node import OFFSET_VALID, RAW, Driver, DriverStatus
 
 if TYPE_CHECKING:
     from .api import ImageInfo
@@ -66,12 +66,8 @@ class RawDriver(Driver):
         self.file.discard(offset, length)
 
     def block_status(self, want_zero: bool, offset: int, length: int) -> DriverStatus:
-        if not want_zero:
-            from .node import DATA
-
-            return DriverStatus(DATA | OFFSET_VALID, length, offset, self.file)
-        flags, pnum = self.file.block_status(offset, length)
-        return DriverStatus(flags, pnum, offset, self.file)
+        # Like QEMU's raw format: "ask the file", which the generic layer does.
+        return DriverStatus(RAW | OFFSET_VALID, length, offset, self.file)
 
     def flush(self) -> None:
         self.file.flush()

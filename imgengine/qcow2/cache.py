@@ -113,7 +113,9 @@ class TableCache:
         return self.tables.get(offset)
 
     def mark_dirty(self, offset: int) -> None:
-        self.dirty.add(offset)
+        # A table dropped meanwhile (its cluster was freed) stays dropped.
+        if offset in self.tables:
+            self.dirty.add(offset)
 
     def discard(self, offset: int) -> None:
         """Forget a table whose cluster was freed; its changes are dropped."""

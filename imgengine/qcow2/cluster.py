@@ -29,6 +29,7 @@ from .format import (
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
     OFLAG_ZERO,
+    hexc,
 )
 from .refcount import DISCARD_ALWAYS, DISCARD_NEVER, DISCARD_OTHER, DISCARD_REQUEST
 
@@ -109,7 +110,7 @@ class ClusterMapping:
             cache.tables.move_to_end(key)
             return table, key
         self.check_metadata_location(l2_offset, self.cluster_size,
-                                     f"L2 table (L1 index {l1_index:#x})")
+                                     f"L2 table (L1 index {hexc(l1_index)})")
         return cache.get(key), key
 
     def get_host_offset(self: Qcow2Driver, offset: int, nbytes: int) -> tuple[int, int, int]:
@@ -133,15 +134,15 @@ class ClusterMapping:
             l2_offset = self.l1_table[l1_index] & L1E_OFFSET_MASK
             if l2_offset:
                 if l2_offset & (cs - 1):
-                    self.signal_corruption(f"L2 table offset {l2_offset:#x} unaligned "
-                                           f"(L1 index: {l1_index:#x})")
+                    self.signal_corruption(f"L2 table offset {hexc(l2_offset)} unaligned "
+                                           f"(L1 index: {hexc(l1_index)})")
                 table, _ = self.l2_load(offset, l2_offset, l1_index)
                 entry = table[slice_index]
                 ctype = cluster_type(entry)
                 if self.qcow_version < 3 and ctype in (ZERO_PLAIN, ZERO_ALLOC):
                     self.signal_corruption(
                         f"Zero cluster entry found in pre-v3 image (L2 offset: "
-                        f"{l2_offset:#x}, L2 index: {slice_index:#x})")
+                        f"{hexc(l2_offset)}, L2 index: {hexc(slice_index)})")
                 if ctype == COMPRESSED:
                     host = entry
                 elif ctype in (NORMAL, ZERO_ALLOC):
@@ -149,8 +150,8 @@ class ClusterMapping:
                     host = host_cluster + offset_in_cluster
                     if host_cluster & (cs - 1):
                         self.signal_corruption(
-                            f"Cluster allocation offset {host_cluster:#x} unaligned (L2 "
-                            f"offset: {l2_offset:#x}, L2 index: {slice_index:#x})")
+                            f"Cluster allocation offset {hexc(host_cluster)} unaligned (L2 "
+                            f"offset: {hexc(l2_offset)}, L2 index: {hexc(slice_index)})")
                 nb_clusters = (bytes_needed + cs - 1) >> cb
                 count = count_contiguous(table, slice_index, nb_clusters, ctype, cs)
                 bytes_available = count << cb
@@ -242,7 +243,7 @@ class ClusterMapping:
             return table, key
         start = key & ~(self.cluster_size - 1)
         self.check_metadata_location(start, self.cluster_size,
-                                     f"L2 table (L1 index {l1_index:#x})")
+                                     f"L2 table (L1 index {hexc(l1_index)})")
         return cache.get(key), key
 
     def get_cluster_table(self: Qcow2Driver, offset: int) -> tuple[array, int, int]:
@@ -256,8 +257,8 @@ class ClusterMapping:
             self.grow_l1_table(l1_index + 1, False)
         l2_offset = self.l1_table[l1_index] & L1E_OFFSET_MASK
         if l2_offset & (self.cluster_size - 1):
-            self.signal_corruption(f"L2 table offset {l2_offset:#x} unaligned "
-                                   f"(L1 index: {l1_index:#x})")
+            self.signal_corruption(f"L2 table offset {hexc(l2_offset)} unaligned "
+                                   f"(L1 index: {hexc(l1_index)})")
         if not self.l1_table[l1_index] & OFLAG_COPIED:
             self.l2_allocate(l1_index)
             if l2_offset:
@@ -321,8 +322,8 @@ class ClusterMapping:
             return False, host_offset, nbytes
         if cluster_offset & (cs - 1):
             kind = "Preallocated zero" if entry & OFLAG_ZERO else "Data"
-            self.signal_corruption(f"{kind} cluster offset {cluster_offset:#x} unaligned "
-                                   f"(guest offset: {guest_offset:#x})")
+            self.signal_corruption(f"{kind} cluster offset {hexc(cluster_offset)} unaligned "
+                                   f"(guest offset: {hexc(guest_offset)})")
         if host_offset != INVALID_OFFSET and cluster_offset != host_offset:
             return False, host_offset, 0
         keep = count_single_write_clusters(table, index, nb_clusters, False, cs)

@@ -38,6 +38,7 @@ from .format import (
     OFFSET_INCOMPATIBLE_FEATURES,
     REFT_OFFSET_MASK,
     Header,
+    hexc,
 )
 from .refcount import (
     DISCARD_OTHER,
@@ -132,8 +133,10 @@ class Qcow2Driver(ClusterMapping, Driver):
         self.broken = False
         self.image_backing_file = header.backing_file
         self.image_backing_format = header.backing_format
-        # Lines QEMU prints while opening (the repair of a dirty image).
+        # Lines QEMU prints while opening (the repair of a dirty image), and
+        # later (a failed refcount decrease that leaks clusters).
         self.open_messages: list[str] = []
+        self.messages: list[str] = []
         self._overlap_version = 0
         self._overlap_cache: tuple[int, dict[int, str]] | None = None
         self.l2_slice_size = self.l2_size
@@ -315,7 +318,7 @@ class Qcow2Driver(ClusterMapping, Driver):
 
     def _check_table_in_file(self, offset: int, size: int, name: str, file_size: int) -> None:
         if offset + size > file_size:
-            raise CorruptImageError(f"{name} at offset {offset:#x} extends past the end of "
+            raise CorruptImageError(f"{name} at offset {hexc(offset)} extends past the end of "
                                     f"the file", errno=errno.EINVAL)
 
     def _check_fixed_metadata_overlaps(self) -> None:
@@ -480,20 +483,20 @@ class Qcow2Driver(ClusterMapping, Driver):
         """A table about to be read must lie inside the file, clear of fixed metadata."""
         cs = self.cluster_size
         if offset & (cs - 1):
-            self.signal_corruption(f"{what} offset {offset:#x} unaligned")
+            self.signal_corruption(f"{what} offset {hexc(offset)} unaligned")
         if offset < cs:
-            self.signal_corruption(f"{what} at offset {offset:#x} overlaps the qcow2 header")
+            self.signal_corruption(f"{what} at offset {hexc(offset)} overlaps the qcow2 header")
         if offset + size > self.file.size():
-            self.signal_corruption(f"{what} at offset {offset:#x} lies beyond the end of "
+            self.signal_corruption(f"{what} at offset {hexc(offset)} lies beyond the end of "
                                    f"the file")
         reft_offset = self.refcounts.table_offset
         reft_size = self.refcounts.table_size * fmt.REFTABLE_ENTRY_SIZE
         if offset < reft_offset + reft_size and reft_offset < offset + size:
-            self.signal_corruption(f"{what} at offset {offset:#x} overlaps the refcount table")
+            self.signal_corruption(f"{what} at offset {hexc(offset)} overlaps the refcount table")
         if self.l1_size:
             l1_end = self.l1_table_offset + self.l1_size * L1E_SIZE
             if offset < l1_end and self.l1_table_offset < offset + size:
-                self.signal_corruption(f"{what} at offset {offset:#x} overlaps the active "
+                self.signal_corruption(f"{what} at offset {hexc(offset)} overlaps the active "
                                        f"L1 table")
 
     def metadata_changed(self) -> None:

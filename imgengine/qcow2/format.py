@@ -119,6 +119,11 @@ _BITMAPS_EXT = struct.Struct(">IIQQ")
 _CRYPTO_EXT = struct.Struct(">QQ")
 
 
+def hexc(value: int) -> str:
+    """An integer as C's ``%#x`` prints it: with 0x, except zero is "0"."""
+    return f"{value:#x}" if value else "0"
+
+
 @dataclass
 class Feature:
     """One entry of the feature name table extension."""

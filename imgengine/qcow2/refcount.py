@@ -11,6 +11,7 @@ mapping to them is gone.
 from __future__ import annotations
 
 import errno
+import os
 import struct
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ from .format import (
     OFLAG_COMPRESSED,
     REFT_OFFSET_MASK,
     REFTABLE_ENTRY_SIZE,
+    hexc,
 )
 
 if TYPE_CHECKING:
@@ -125,10 +127,10 @@ class Refcounts:
             return block
         if block_offset & (self.cluster_size - 1):
             self.s.signal_corruption(
-                f"Refblock offset {block_offset:#x} unaligned (reftable index: "
-                f"{table_index:#x})")
+                f"Refblock offset {hexc(block_offset)} unaligned (reftable index: "
+                f"{hexc(table_index)})")
         self.s.check_metadata_location(block_offset, self.cluster_size,
-                                       f"Refblock (reftable index {table_index:#x})")
+                                       f"Refblock (reftable index {hexc(table_index)})")
         return cache.get(block_offset)
 
     # -- reading refcounts ---------------------------------------------------------
@@ -349,15 +351,20 @@ class Refcounts:
                 self.file.discard(offset, length)
 
     def free_clusters(self, offset: int, size: int, discard_type: int) -> None:
-        """Drop one reference to the clusters of a byte range."""
+        """Drop one reference to the clusters of a byte range.
+
+        A failure leaks the clusters rather than failing the request, as in
+        QEMU; the line QEMU prints then is kept in the driver's messages.
+        """
         try:
             self.update(offset, size, 1, True, discard_type)
         except CorruptImageError:
             raise
+        except RetryAllocation:
+            self.s.messages.append("qcow2_free_clusters failed: "
+                                   + os.strerror(errno.EAGAIN))
         except ImageError as exc:
-            import sys
-
-            print(f"qcow2_free_clusters failed: {exc}", file=sys.stderr)
+            self.s.messages.append(f"qcow2_free_clusters failed: {exc}")
 
     def free_any_cluster(self, l2_entry: int, discard_type: int) -> None:
         """Free whatever an L2 entry points to (normal or compressed)."""
@@ -370,7 +377,7 @@ class Refcounts:
         if not host:
             return  # unallocated or a plain zero cluster
         if host & (self.cluster_size - 1):
-            s.signal_corruption(f"Cannot free unaligned cluster {host:#x}", fatal=False)
+            s.signal_corruption(f"Cannot free unaligned cluster {hexc(host)}", fatal=False)
             return
         self.free_clusters(host, self.cluster_size, discard_type)
 

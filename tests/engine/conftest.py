@@ -22,6 +22,7 @@ from imgengine import MapEntry
 settings.register_profile("imgengine-ci", max_examples=25, deadline=None)
 settings.register_profile("imgengine-thorough", max_examples=400, deadline=None)
 settings.register_profile("thorough", max_examples=400, deadline=None)
+settings.register_profile("imgengine-exhaustive", max_examples=5000, deadline=None)
 
 
 class Qemu:
