@@ -202,6 +202,11 @@ class IoSession:
             node, self.node = self.node, None
             node.close()
 
+    def _flag_warning(self, message: str, follow_up: str) -> None:
+        """QEMU's deprecation of "flag" and "noflag" shorthand in option lists."""
+        self.console.warn_report(message)
+        self.console.err(follow_up)
+
     def open_command(self, argv: list[str]) -> int:
         """The `open` command."""
         from pyqemu.blockopts import OptionError, QemuOpts, parse_into
@@ -279,6 +284,8 @@ class IoSession:
         open with the merged options; when the new options are refused the image
         is opened again as it was, as QEMU's reopen transaction leaves it.
         """
+        import re
+
         import imgengine
         from pyqemu.blockopts import OptionError, QemuOpts, flatten, nest, parse_into
 
@@ -297,7 +304,7 @@ class IoSession:
                 changed_cache = True
             elif option == "o":
                 try:
-                    parse_into(opts, text)
+                    parse_into(opts, text, warn=self._flag_warning)
                 except OptionError as error:
                     self.console.error_report(str(error))
                     return -22
@@ -352,7 +359,14 @@ class IoSession:
         except (imgengine.ImageError, OSError) as error:
             from pyqemu.opening import error_text, print_notice
             print_notice(self.console, error)
-            self.console.error_report(error_text(error))
+            message = error_text(error)
+            # an option no driver takes: at open "does not support the
+            # option", at reopen QEMU calls it an option that cannot change
+            unknown = re.fullmatch(r"Block format '[^']*' does not support the option '(.*)'",
+                                   message)
+            if unknown and unknown.group(1) in extra:
+                message = f"Cannot change the option '{unknown.group(1)}'"
+            self.console.error_report(message)
             self.node = _open_again(old, self._flags.read_only)
             return -22
         self._request = new_request

@@ -187,11 +187,17 @@ def normalise_fixture() -> Callable[[str], str]:
 
 
 @pytest.fixture
-def twins(tmp_path: Path, qemu_img: str, qemu_io: str, pyqemu_img: Path,
-          pyqemu_io: Path) -> Twins:
+def make_twins(qemu_img: str, qemu_io: str, pyqemu_img: Path,
+               pyqemu_io: Path) -> Callable[[Path], Twins]:
+    """Twins in a folder of the caller's choosing (for hypothesis examples)."""
     qemu = Tools("qemu", [qemu_img], [qemu_io])
     ours = Tools("pyqemu", [str(pyqemu_img)], [str(pyqemu_io)])
-    return Twins(tmp_path, qemu, ours)
+    return lambda root: Twins(root, qemu, ours)
+
+
+@pytest.fixture
+def twins(tmp_path: Path, make_twins: Callable[[Path], Twins]) -> Twins:
+    return make_twins(tmp_path)
 
 
 def have_engine() -> bool:
