@@ -5,7 +5,8 @@ Step forms (`IMG` is an image declared under `images:`):
     - section: TITLE              blank line, then `== TITLE ==`
     - echo: TEXT                  one line of text
     - create IMG                  qemu-img create, as _make_test_img does it
-    - create IMG: {size, cluster_size, backing, backing_format, options}
+    - create IMG: {size, cluster_size, backing, backing_format, options, args,
+                   stderr, filter}
     - io IMG: CMD | [CMD, ...]    one qemu-io process, one -c per command
     - io IMG: {commands, args, stderr, filter}
     - map IMG                     qemu-img map --output=json IMG
@@ -364,7 +365,8 @@ class Expander:
     def step_create(self, line: int, image: Image, value: Node | None, scope: Scope,
                     via: tuple[int, ...]) -> Command:
         options = self.options_of(value, ("size", "cluster_size", "backing",
-                                          "backing_format", "options"), "create")
+                                          "backing_format", "options", "args", "stderr",
+                                          "filter"), "create")
         size = image.size
         cluster_size = image.cluster_size
         backing = image.backing
@@ -396,6 +398,7 @@ class Expander:
         args = ["create", "-f", image.format]
         if optstr:
             args += ["-o", ",".join(optstr)]
+        args += self.extra_args(options, scope)
         if backing is not None:
             backing_image = self.images[backing]
             args += ["-b", backing_image.path, image.path]
@@ -404,8 +407,7 @@ class Expander:
             args.append(image.path)
         if size is not None:
             args.append(size)
-        return Command(line, tool=QEMU_IMG, args=tuple(args), filters=("img_create",),
-                       merge_stderr=True, via=via)
+        return self.finish(QEMU_IMG, line, args, options, scope, via, True, ("img_create",))
 
     def optional_text(self, node: Node, scope: Scope, what: str) -> str | None:
         value = self.value(node, scope, what)

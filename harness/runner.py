@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass
 
 from harness import filters
-from harness.backends.base import Backend
+from harness.backends.base import Backend, Result
 from harness.filters import FilterContext
 from harness.schema import Case, Command, Echo, Remove
 
@@ -24,10 +24,14 @@ Step = Echo | Command | Remove
 
 @dataclass(frozen=True)
 class Piece:
-    """The text one step added to the transcript (step None: header/footer)."""
+    """The text one step added to the transcript (step None: header/footer).
+
+    `result` is what a command step's process printed, unfiltered, and its
+    exit status; None for other steps."""
 
     step: Step | None
     text: str
+    result: Result | None = None
 
 
 @dataclass(frozen=True)
@@ -56,30 +60,37 @@ def header(case: Case) -> str:
 FOOTER = "*** done\n"
 
 
-def run_case(case: Case, backend: Backend, *, tmp_root: str | None = None) -> Transcript:
+def run_case(case: Case, backend: Backend, *, tmp_root: str | None = None,
+             directory: str | None = None) -> Transcript:
     """Run every step of `case` on `backend` in a new directory under
-    `tmp_root` (the system's temporary folder by default)."""
-    test_dir = tempfile.mkdtemp(prefix=f"harness-{case.seq}-", dir=tmp_root)
+    `tmp_root` (the system's temporary folder by default), removed afterwards.
+
+    With `directory` (an existing, empty folder, given without a trailing
+    slash) the case runs there instead and its images are left behind."""
+    test_dir = directory if directory is not None else \
+        tempfile.mkdtemp(prefix=f"harness-{case.seq}-", dir=tmp_root)
     context = FilterContext(test_dir=test_dir, imgfmt=case.format)
     pieces = [Piece(None, header(case))]
     try:
         for step in case.steps:
-            pieces.append(Piece(step, run_step(step, backend, context)))
+            pieces.append(run_step(step, backend, context))
     finally:
-        shutil.rmtree(test_dir, ignore_errors=True)
+        if directory is None:
+            shutil.rmtree(test_dir, ignore_errors=True)
     pieces.append(Piece(None, FOOTER))
     return Transcript(case, tuple(pieces))
 
 
-def run_step(step: Step, backend: Backend, context: FilterContext) -> str:
+def run_step(step: Step, backend: Backend, context: FilterContext) -> Piece:
     if isinstance(step, Command):
         result = backend.run(step.tool, step.argv(context.test_dir), cwd=context.test_dir,
                              merge_stderr=step.merge_stderr)
-        return result.stderr + filters.apply(step.filters, result.stdout, context)
+        text = result.stderr + filters.apply(step.filters, result.stdout, context)
+        return Piece(step, text, result)
     if isinstance(step, Echo):
-        return step.text + "\n"
+        return Piece(step, step.text + "\n")
     try:
         os.remove(os.path.join(context.test_dir, step.file))
     except FileNotFoundError:
         pass
-    return ""
+    return Piece(step, "")
