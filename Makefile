@@ -35,3 +35,10 @@ bless: $(STAMP)
 # qemu-utils, QEMU's source for the 154 comparison, and ~3 GiB of free disk).
 bench: $(STAMP)
 	$(PY) bench/run.py $(ARGS)
+
+# Differential fuzzing: random cases on the engine and on real QEMU, each
+# disagreement shrunk and written to fuzz-findings/ as a case and its golden
+# (a random seed unless given; it is printed). E.g. make fuzz ARGS="--seed 7".
+.PHONY: fuzz
+fuzz: $(STAMP)
+	$(PY) -m harness fuzz --count 2000 --time-budget 1800 $(ARGS)

@@ -9,6 +9,10 @@
                                                print one case's transcript; --raw
                                                also lists each command line before
                                                its output
+    python -m harness fuzz [OPTIONS...]        random cases on the engine and real
+                                               QEMU, disagreements shrunk and written
+                                               as cases (`make fuzz`; --help lists
+                                               the options)
 """
 
 from __future__ import annotations
@@ -96,9 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--backend", default="engine")
     run_parser.add_argument("--raw", action="store_true",
                             help="show each command line before its output")
+    commands.add_parser("fuzz", help="differential fuzzing against real QEMU", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "check":
         return check(rest)
+    if args.command == "fuzz":
+        from harness.fuzz.cli import main as fuzz
+
+        return fuzz(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "bless":

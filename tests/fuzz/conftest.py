@@ -1,0 +1,77 @@
+"""Fixtures for the fuzzer's tests: the backends it compares, and backends
+that misbehave on purpose so that every kind of disagreement can be shown."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import pytest
+
+from harness.backends import get_backend
+from harness.backends.base import Backend, Result
+
+
+@pytest.fixture(scope="session")
+def engine(qemu_img, qemu_io) -> Backend:
+    """The engine backend, for tests that also need real QEMU beside it."""
+    return get_backend("engine")
+
+
+@pytest.fixture(scope="session")
+def qemu(qemu_img, qemu_io) -> Backend:
+    """The real QEMU backend (skipped with the reason where it is absent)."""
+    return get_backend("qemu")
+
+
+class Tampered(Backend):
+    """Real QEMU with one thing changed: `before` may rewrite the arguments,
+    `after` the result (and touch the case's directory)."""
+
+    name = "tampered"
+
+    def __init__(self, inner: Backend,
+                 before: Callable[[str, list[str]], list[str]] | None = None,
+                 after: Callable[[str, list[str], str, Result], Result] | None = None) -> None:
+        self.inner = inner
+        self.before = before
+        self.after = after
+
+    def run(self, tool: str, argv: list[str], *, cwd: str, merge_stderr: bool) -> Result:
+        if self.before is not None:
+            argv = self.before(tool, list(argv))
+        result = self.inner.run(tool, argv, cwd=cwd, merge_stderr=merge_stderr)
+        if self.after is not None:
+            result = self.after(tool, argv, cwd, result)
+        return result
+
+
+@pytest.fixture
+def tampered(qemu) -> Callable[..., Tampered]:
+    def make(before=None, after=None) -> Tampered:
+        return Tampered(qemu, before, after)
+    return make
+
+
+@pytest.fixture
+def broken_present(monkeypatch) -> None:
+    """The engine bug docs/walkthrough.md introduces by hand: qemu-img map's
+    `present` taken from the data flag, so a zero cluster (or a hole in a
+    raw file) reads as not present."""
+    import imgengine.chain as chain
+
+    original = chain.map_entry
+
+    def map_entry(node, offset, length):
+        entry = original(node, offset, length)
+        return dataclasses.replace(entry, present=entry.data)
+
+    monkeypatch.setattr(chain, "map_entry", map_entry)
+
+
+def slow_result(seconds: float) -> Callable[[str, list[str], str, Result], Result]:
+    def after(tool: str, argv: list[str], cwd: str, result: Result) -> Result:
+        time.sleep(seconds)
+        return result
+    return after
