@@ -12,8 +12,8 @@ number that reproduce it, and how much it was shrunk. Where the
 disagreement would not show in a golden as the case stands, the case is
 made to show it: a step whose only difference is in its unfiltered output
 gets filters that keep it (`filter: [testdir]`), and a difference found on
-the images afterwards gets steps that look at them (a dump of the first
-differing range, a map, a check).
+the images afterwards gets steps that look at them (a `read -v` of the
+first differing bytes, a map, a check).
 
 The golden is what running the written case file on the qemu backend
 prints. The finding records whether the case, run on the tested backend
@@ -100,9 +100,10 @@ def reveal(case: FuzzCase, difference: Difference) -> FuzzCase:
     if difference.kind == "contents":
         mismatch = _MISMATCH.search(difference.tested)
         if mismatch is not None:
-            offset = int(mismatch.group(1)) // 512 * 512
+            # one line of `read -v` at the first differing sector shows it
+            offset = int(mismatch.group(1)) // 16 * 16
             size = case.virtual_size(image)
-            extra.append(Io(image, (IoOp("read", offset, (min(512, size - offset),),
+            extra.append(Io(image, (IoOp("read", offset, (min(16, size - offset),),
                                          ("-v",)),)))
         if _STATUS_MISMATCH.search(difference.tested) or mismatch is None:
             extra.append(Map(image, reveal=True))

@@ -87,13 +87,13 @@ def test_a_finding_is_written_with_a_qemu_golden_and_shows_its_difference(
     assert again is None  # the same case is already there
 
 
-def test_different_contents_get_a_dump_of_the_first_differing_sector(tmp_path, qemu, tampered):
+def test_different_contents_get_a_dump_of_the_first_differing_bytes(tmp_path, qemu, tampered):
     tested = tampered(before=lambda tool, argv: [a.replace("-P 0x22", "-P 0x23") for a in argv])
     outcome = run_pair(CASE, tested, qemu, qemu)
     (difference,) = outcome.differences
     assert difference.kind == "contents"
     final = reveal(CASE, difference)
-    assert final.steps[-1] == Io("test", (IoOp("read", 4096, (512,), ("-v",)),))
+    assert final.steps[-1] == Io("test", (IoOp("read", 4096, (16,), ("-v",)),))
     written = write_finding(final, outcome, difference, CASE, 3, findings=tmp_path,
                             repo_root=tmp_path, tested=tested, reference=qemu, qemu=qemu)
     assert written is not None and written.reproduces
