@@ -19,6 +19,18 @@ if TYPE_CHECKING:
 _DEFAULT_BLOCK = 4096
 
 
+def release_stdout() -> None:
+    """At process exit: if stdout is a closed pipe, point it at /dev/null so the
+    interpreter's final flush does not complain (only main() calls this)."""
+    import sys
+    try:
+        sys.stdout.flush()
+    except OSError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def _program_name(argv0: str, default: str) -> str:
     """QEMU names itself by argv[0]'s basename; the pyqemu- install names map
     to the QEMU tool they stand in for, so messages read "qemu-img: ..."."""
@@ -37,6 +49,7 @@ class Console:
         self.prog = prog
         self._buffer = bytearray()
         self._allocated = False
+        self.broken = False             # stdout can no longer be written
         self._block = _DEFAULT_BLOCK
         self._line_buffered = False
         self._out_binary = getattr(stdout, "buffer", None)
@@ -57,11 +70,16 @@ class Console:
     # -- raw streams ---------------------------------------------------------
 
     def _emit(self, stream: TextIO, binary: object, text: str) -> None:
-        if binary is not None:
-            binary.write(text.encode("utf-8", "surrogateescape"))  # type: ignore[attr-defined]
-        else:
-            stream.write(text)
-        stream.flush()
+        # like C stdio with SIGPIPE ignored (as QEMU ignores it): a reader that
+        # went away, or a full disk, just loses the output
+        try:
+            if binary is not None:
+                binary.write(text.encode("utf-8", "surrogateescape"))  # type: ignore[attr-defined]
+            else:
+                stream.write(text)
+            stream.flush()
+        except OSError:
+            pass
 
     def out(self, text: str) -> None:
         """printf to stdout."""
@@ -88,11 +106,16 @@ class Console:
             self._buffer += data[direct:]
 
     def _emit_bytes(self, data: bytes) -> None:
-        if self._out_binary is not None:
-            self._out_binary.write(data)  # type: ignore[attr-defined]
-        else:
-            self._stdout.write(data.decode("utf-8", "surrogateescape"))
-        self._stdout.flush()
+        if self.broken:
+            return
+        try:
+            if self._out_binary is not None:
+                self._out_binary.write(data)  # type: ignore[attr-defined]
+            else:
+                self._stdout.write(data.decode("utf-8", "surrogateescape"))
+            self._stdout.flush()
+        except OSError:
+            self.broken = True
 
     def flush(self) -> None:
         """fflush(stdout)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from pyqemu.console import Console, _program_name
+from pyqemu.console import Console, _program_name, release_stdout
 from pyqemu.getopt import NO_ARGUMENT, REQUIRED_ARGUMENT, GetOpt, LongOption
 
 VERSION = "7.2.0 (pyqemu 0.1.0)"
@@ -144,4 +144,6 @@ def main() -> None:
     """Console script entry point."""
     argv0 = sys.argv[0] if sys.argv else "qemu-img"
     prog = _program_name(argv0, "qemu-img")
-    sys.exit(run(sys.argv[1:], sys.stdin, sys.stdout, sys.stderr, prog=prog))
+    status = run(sys.argv[1:], sys.stdin, sys.stdout, sys.stderr, prog=prog)
+    release_stdout()
+    sys.exit(status)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from typing import Any, TextIO
 
-from pyqemu.console import Console, _program_name
+from pyqemu.console import Console, _program_name, release_stdout
 from pyqemu.getopt import NO_ARGUMENT, REQUIRED_ARGUMENT, GetOpt, LongOption
 
 VERSION = "7.2.0 (pyqemu 0.1.0)"
@@ -582,5 +582,7 @@ def main() -> None:
         # glibc's option errors quote argv[0]; under its install name the tool
         # speaks as the qemu-io it stands in for
         argv0 = prog
-    sys.exit(run(sys.argv[1:], sys.stdin, sys.stdout, sys.stderr, prog=prog,
-                 argv0=argv0, allow_signals=True))
+    status = run(sys.argv[1:], sys.stdin, sys.stdout, sys.stderr, prog=prog, argv0=argv0,
+                 allow_signals=True)
+    release_stdout()
+    sys.exit(status)

@@ -308,3 +308,21 @@ def test_merged_streams(twins, engine, args):
     """2>&1: errors overtake buffered results at exactly QEMU's block boundaries."""
     twins.setup(*SETUP)
     twins.compare("io", *args, merged=True)
+
+
+def test_reader_going_away(twins, engine, qemu_io, pyqemu_io, child_env):
+    """Output into a pipe whose reader has gone: no traceback, QEMU's status."""
+    import subprocess
+
+    twins.setup(*SETUP)
+    results = []
+    for program, side in ((qemu_io, twins.qemu), (str(pyqemu_io), twins.ours)):
+        process = subprocess.Popen(
+            [program, "-c", "read -v 0 1M", "-c", "read -v 0 1M", "top.qcow2"],
+            cwd=side.folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env)
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.read(100)
+        process.stdout.close()
+        errors = process.stderr.read()
+        results.append((process.wait(), errors))
+    assert results[1] == results[0]
