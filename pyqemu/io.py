@@ -576,6 +576,9 @@ def _crash(session: IoSession, signal_number: int) -> int:
 
 def main() -> None:
     """Console script entry point."""
+    import signal
+    # Ctrl-C ends the process the way it ends QEMU's tools: by the signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     argv0 = sys.argv[0] if sys.argv else "qemu-io"
     prog = _program_name(argv0, "qemu-io")
     if argv0.rsplit("/", 1)[-1].startswith("pyqemu-"):
