@@ -22,6 +22,7 @@ the image's own file.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import struct
@@ -37,6 +38,8 @@ from .format import (
     AUTOCLEAR_DATA_FILE_RAW,
     AUTOCLEAR_MASK,
     COMPRESSED_SECTOR_SIZE,
+    CRYPT_AES,
+    CRYPT_LUKS,
     CRYPT_NONE,
     HEADER_V3_LENGTH,
     INCOMPAT_CORRUPT,
@@ -90,9 +93,9 @@ MAX_REQUEST_LENGTH = INT64_MAX - (INT64_MAX % (1 << 30))
 # Largest single read the block layer accepts (BDRV_REQUEST_MAX_BYTES).
 MAX_REQUEST_BYTES = (INT_MAX >> 9) << 9
 
-# Entries of the in-memory refcount table we are prepared to hold; beyond
-# this the check fails the way QEMU's does when its allocation fails.
-MAX_IMRT_ENTRIES = 1 << 27
+# The in-memory refcount table is materialised sparsely, but a size that no
+# allocation could satisfy still fails as QEMU's g_try_realloc() would.
+MAX_IMRT_BYTES = 1 << 40
 
 OFFSET_NB_SNAPSHOTS = 60
 OFFSET_SNAPSHOTS = 64
@@ -191,6 +194,19 @@ def _strerror(code: int) -> str:
     return os.strerror(code)
 
 
+def _c_int(value: int) -> int:
+    """A value as C's 32-bit ``int`` holds it (BdrvCheckResult's counters are ints)."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _any_between(members: set[int], low: int, high: int) -> bool:
+    """Whether any member lies in [low, high]."""
+    if high - low < len(members):
+        return any(value in members for value in range(low, high + 1))
+    return any(low <= value <= high for value in members)
+
+
 class _Counts:
     """BdrvCheckResult with its fragmentation info."""
 
@@ -279,6 +295,66 @@ def _refcount_codec(bits: int, entries: int) -> tuple[Callable[[bytes], array],
         return packed.to_bytes(entries // per_byte, "big")
 
     return decode_packed, encode_packed
+
+
+# -- the in-memory refcount table --------------------------------------------------------
+
+class _CountedRefs:
+    """QEMU's in-memory refcount table, one array per refcount block's worth.
+
+    QEMU keeps one flat array of ``size`` entries; a repair can grow a file
+    to a terabyte of holes, so only the stretches that hold a count are
+    materialised here.  Everything else reads as zero, exactly as QEMU's
+    zero-filled array does.
+    """
+
+    def __init__(self, code: str, itemsize: int, block_bits: int) -> None:
+        self.code = code
+        self.itemsize = itemsize
+        self.block_bits = block_bits
+        self.block_size = 1 << block_bits
+        self.mask = self.block_size - 1
+        self.size = 0
+        self.chunks: dict[int, array] = {}
+        self.keys: list[int] = []  # chunk indices, sorted
+
+    def __len__(self) -> int:
+        return self.size
+
+    def get(self, index: int) -> int:
+        chunk = self.chunks.get(index >> self.block_bits)
+        return chunk[index & self.mask] if chunk is not None else 0
+
+    def chunk(self, block: int) -> array:
+        """The chunk for a block index, created (zeroed) on first use."""
+        chunk = self.chunks.get(block)
+        if chunk is None:
+            chunk = array(self.code, bytes(self.itemsize * self.block_size))
+            self.chunks[block] = chunk
+            bisect.insort(self.keys, block)
+        return chunk
+
+    def set(self, index: int, value: int) -> None:
+        self.chunk(index >> self.block_bits)[index & self.mask] = value
+
+    def next_block(self, block: int) -> int | None:
+        """The first materialised block index at or after ``block``."""
+        position = bisect.bisect_left(self.keys, block)
+        return self.keys[position] if position < len(self.keys) else None
+
+    def block_bytes(self, block: int, start: int = 0, end: int | None = None) -> bytes:
+        """Entries [start, end) of a block, in native byte order."""
+        if end is None:
+            end = self.block_size
+        chunk = self.chunks.get(block)
+        if chunk is None:
+            return bytes((end - start) * self.itemsize)
+        return chunk[start:end].tobytes()
+
+    def clear(self) -> None:
+        """Zero every count (the size stays)."""
+        self.chunks.clear()
+        self.keys.clear()
 
 
 # -- the snapshot table ------------------------------------------------------------------
@@ -448,7 +524,10 @@ class Qcow2Checker:
         self.snapshots_size = 0
         self._length: int | None = None
         self._closed = False
-        self.imrt = array("B")
+        self._layout_version = 0
+        self._overlap_key: tuple[int, ...] | None = None
+        self._overlap_sets: tuple[set[int], set[int], list[int]] = (set(), set(), [])
+        self.imrt = _CountedRefs("B", 1, 9)
         # Given an already open file (the engine's own node), this is a check
         # inside that open, which has done its open-time header update.
         self._owns_file = file is None
@@ -519,6 +598,10 @@ class Qcow2Checker:
             raise CorruptImageError("L1 table is too small", errno=errno.EINVAL)
         self.l1_table = list(struct.unpack(f">{self.l1_size}Q",
                                            read(self.l1_table_offset, self.l1_size * L1E_SIZE)))
+        if header.crypt_method not in (CRYPT_NONE, CRYPT_AES, CRYPT_LUKS):
+            raise UnsupportedImageError(f"Unsupported encryption method "
+                                        f"{_c_int(header.crypt_method)}",
+                                        errno=errno.EINVAL)
         self.cache = _RefblockCache(self, REFCOUNT_CACHE_SLOTS)
         self.reftable = list(struct.unpack(
             f">{self.reftable_size}Q",
@@ -534,9 +617,14 @@ class Qcow2Checker:
                                         "supported", errno=errno.ENOTSUP)
         if header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW:
             raise CorruptImageError("data-file-raw requires a data file", errno=errno.EINVAL)
+        if header.crypt_method == CRYPT_LUKS and header.crypto_header is None:
+            raise CorruptImageError("Missing CRYPTO header for crypt method 2",
+                                    errno=errno.EINVAL)
         if header.crypt_method != CRYPT_NONE:
-            raise UnsupportedImageError("encrypted qcow2 images are not supported",
-                                        errno=errno.ENOTSUP)
+            # QEMU cannot open these without a key, which qemu-img check is
+            # given with --object secret; the engine has no decryption.
+            raise UnsupportedImageError("Parameter 'encrypt.key-secret' is required for cipher",
+                                        errno=errno.EINVAL)
         read_backing_file_name(header, read)
         if header.bitmaps is not None:
             raise UnsupportedImageError("qcow2 images with persistent dirty bitmaps are not "
@@ -575,6 +663,18 @@ class Qcow2Checker:
             return self.file.pread(offset, length)
         except ImageError as exc:
             raise _Errno(exc.errno or errno.EIO) from None
+
+    def read_table(self, offset: int, length: int) -> bytes:
+        """A table read with bdrv_pread, minus its trailing zeroes.
+
+        What lies past the end of the file reads as zeroes, and a zero entry
+        is skipped by every walker, so only the stored part is fetched.
+        """
+        if length and (offset < 0 or length > MAX_REQUEST_BYTES
+                       or offset > MAX_REQUEST_LENGTH - length):
+            raise _Errno(errno.EIO)
+        stored = min(length, max(0, self.file_length() - offset))
+        return self.read(offset, stored).rstrip(b"\0") if stored else b""
 
     def write(self, offset: int, data: bytes) -> None:
         if offset < 0 or offset > MAX_REQUEST_LENGTH - len(data):
@@ -681,16 +781,15 @@ class Qcow2Checker:
                 if snapshot.l1_size and overlaps(snapshot.l1_table_offset,
                                                  snapshot.l1_size * L1E_SIZE):
                     return OL_INACTIVE_L1
-        if check & OL_ACTIVE_L2:
-            for entry in self.l1_table:
-                l2_offset = entry & L1E_OFFSET_MASK
-                if l2_offset and overlaps(l2_offset, cs):
-                    return OL_ACTIVE_L2
+        first_cluster = offset >> self.cluster_bits
+        last_cluster = last >> self.cluster_bits
+        l2_clusters, block_clusters, stray_blocks = self._overlap_index()
+        if check & OL_ACTIVE_L2 and _any_between(l2_clusters, first_cluster, last_cluster):
+            return OL_ACTIVE_L2
         if check & OL_REFCOUNT_BLOCK and self.reftable_size:
-            for index in range(self.max_reftable_index + 1):
-                block = self.reftable[index] & REFT_OFFSET_MASK
-                if block and overlaps(block, cs):
-                    return OL_REFCOUNT_BLOCK
+            if _any_between(block_clusters, first_cluster, last_cluster) \
+                    or any(overlaps(block, cs) for block in stray_blocks):
+                return OL_REFCOUNT_BLOCK
         if check & OL_BITMAP_DIRECTORY and self.header.autoclear_features & AUTOCLEAR_BITMAPS:
             bitmaps = self.header.bitmaps
             if bitmaps is None:
@@ -699,6 +798,43 @@ class Qcow2Checker:
             elif overlaps(bitmaps.directory_offset, bitmaps.directory_size):
                 return OL_BITMAP_DIRECTORY
         return 0
+
+    def _overlap_index(self) -> tuple[set[int], set[int], list[int]]:
+        """The clusters the active L2 tables and the refcount blocks occupy.
+
+        A table at a 512-byte aligned offset touches two clusters; a block
+        whose end would pass 2^64 is kept apart, for QEMU's wrapping test.
+        """
+        key = (self.max_reftable_index, self._layout_version)
+        if self._overlap_key == key:
+            return self._overlap_sets
+        bits = self.cluster_bits
+        cs = self.cluster_size
+        l2_clusters: set[int] = set()
+        for entry in self.l1_table:
+            l2_offset = entry & L1E_OFFSET_MASK
+            if l2_offset:
+                l2_clusters.add(l2_offset >> bits)
+                l2_clusters.add((l2_offset + cs - 1) >> bits)
+        block_clusters: set[int] = set()
+        stray: list[int] = []
+        if self.reftable_size:
+            for index in range(self.max_reftable_index + 1):
+                block = self.reftable[index] & REFT_OFFSET_MASK
+                if not block:
+                    continue
+                if block + cs - 1 > UINT64_MASK:
+                    stray.append(block)
+                else:
+                    block_clusters.add(block >> bits)
+                    block_clusters.add((block + cs - 1) >> bits)
+        self._overlap_key = key
+        self._overlap_sets = (l2_clusters, block_clusters, stray)
+        return self._overlap_sets
+
+    def layout_changed(self) -> None:
+        """Metadata moved: the overlap index must be rebuilt."""
+        self._layout_version += 1
 
     def overlap_check(self, ignore: int, offset: int, size: int) -> int:
         """qcow2_pre_write_overlap_check: 0, or -EIO after signalling corruption."""
@@ -880,7 +1016,8 @@ class Qcow2Checker:
         caller searches for free clusters again.
         """
         cs = self.cluster_size
-        table_index = cluster_index >> self.refblock_bits
+        # QEMU holds this index in an unsigned int: it wraps at 2^32.
+        table_index = (cluster_index >> self.refblock_bits) & 0xFFFFFFFF
         if table_index < self.reftable_size:
             block_offset = self.reftable[table_index] & REFT_OFFSET_MASK
             if block_offset:
@@ -912,6 +1049,7 @@ class Qcow2Checker:
                        struct.pack(">Q", new_block))
             self.reftable[table_index] = new_block
             self.max_reftable_index = max(self.max_reftable_index, table_index)
+            self.layout_changed()
             raise _Errno(errno.EAGAIN)
 
         blocks_used = -(-max(cluster_index + 1, (new_block >> self.cluster_bits) + 1)
@@ -971,16 +1109,21 @@ class Qcow2Checker:
         self.reftable_size = table_size
         self.reftable_offset = table_offset
         self._update_max_reftable_index()
+        self.layout_changed()
         self.free_clusters(old_offset, old_size * REFTABLE_ENTRY_SIZE, DISCARD_OTHER)
         return end_offset
 
     # -- the in-memory refcount table ----------------------------------------------------------
 
-    def _imrt_grow(self, res: _Counts, entries: int) -> None:
-        if entries > MAX_IMRT_ENTRIES:
-            res.check_errors += 1
+    def _imrt_grow(self, res: _Counts | None, entries: int) -> None:
+        """realloc_refcount_array: room for ``entries`` counts, or ENOMEM."""
+        if entries <= self.imrt.size:
+            return
+        if entries * self.refcount_bits // 8 > MAX_IMRT_BYTES:
+            if res is not None:
+                res.check_errors += 1
             raise _Errno(errno.ENOMEM)
-        self.imrt.frombytes(bytes(self.refcount_itemsize * (entries - len(self.imrt))))
+        self.imrt.size = entries
 
     def inc_refcounts(self, res: _Counts, offset: int, size: int) -> None:
         """qcow2_inc_refcounts_imrt: count one more reference to a byte range."""
@@ -996,11 +1139,14 @@ class Qcow2Checker:
         imrt = self.imrt
         first = offset >> self.cluster_bits
         last = ((offset + size - 1) & UINT64_MASK) >> self.cluster_bits
-        if last >= len(imrt):
+        if last >= imrt.size:
             self._imrt_grow(res, last + 1)
         limit = self.refcount_max
+        block_bits = imrt.block_bits
+        mask = imrt.mask
         for index in range(first, last + 1):
-            refcount = imrt[index]
+            chunk = imrt.chunk(index >> block_bits)
+            refcount = chunk[index & mask]
             if refcount == limit:
                 self.say(f"ERROR: overflow cluster offset=0x{index << self.cluster_bits:x}")
                 self.say("Use qemu-img amend to increase the refcount entry width or qemu-img "
@@ -1008,7 +1154,7 @@ class Qcow2Checker:
                          "writing")
                 res.corruptions += 1
                 continue
-            imrt[index] = refcount + 1
+            chunk[index & mask] = refcount + 1
 
     # -- walking the mapping ----------------------------------------------------------------------
 
@@ -1050,17 +1196,18 @@ class Qcow2Checker:
                            active: bool) -> None:
         cs = self.cluster_size
         try:
-            raw = self.read(l2_offset, cs)
+            raw = self.read_table(l2_offset, cs)
         except _Errno:
             self.say("ERROR: I/O error in check_refcounts_l2")
             res.check_errors += 1
             raise
-        entries = list(struct.unpack(f">{cs // 8}Q", raw))
         extended = self.extended_l2
         step = 2 if extended else 1
+        words = -(-len(raw) // (8 * step)) * step
+        entries = list(struct.unpack(f">{words}Q", raw + bytes(8 * words - len(raw))))
         next_contiguous = 0
         inc = self.inc_refcounts
-        for i in range(self.l2_size):
+        for i in range(words // step):
             entry = entries[i * step]
             bitmap = entries[i * step + 1] if extended else 0
             if not entry and not bitmap:
@@ -1134,13 +1281,14 @@ class Qcow2Checker:
             return
         self.inc_refcounts(res, l1_offset, l1_size * L1E_SIZE)
         try:
-            raw = self.read(l1_offset, l1_size * L1E_SIZE)
+            raw = self.read_table(l1_offset, l1_size * L1E_SIZE)
         except _Errno:
             self.say("ERROR: I/O error in check_refcounts_l1")
             res.check_errors += 1
             raise
         cs = self.cluster_size
-        for entry in struct.unpack(f">{l1_size}Q", raw):
+        raw += bytes(-len(raw) % 8)
+        for entry in struct.unpack(f">{len(raw) // 8}Q", raw):
             if not entry:
                 continue
             if entry & L1E_RESERVED_MASK:
@@ -1171,7 +1319,7 @@ class Qcow2Checker:
                 res.corruptions += 1
                 rebuild[0] = True
                 continue
-            if cluster >= len(self.imrt):
+            if cluster >= self.imrt.size:
                 res.corruptions += 1
                 repairing = bool(fix & FIX_ERRORS)
                 self.say(f"{'Repairing' if repairing else 'ERROR'} refcount block {i} is "
@@ -1185,8 +1333,8 @@ class Qcow2Checker:
                 continue
             if offset:
                 self.inc_refcounts(res, offset, cs)
-                if self.imrt[cluster] != 1:
-                    self.say(f"ERROR refcount block {i} refcount={self.imrt[cluster]}")
+                if self.imrt.get(cluster) != 1:
+                    self.say(f"ERROR refcount block {i} refcount={self.imrt.get(cluster)}")
                     res.corruptions += 1
                     rebuild[0] = True
 
@@ -1202,9 +1350,8 @@ class Qcow2Checker:
                 self.report(exc.text)
             return exc.code
         new_clusters = -(-self.file_length() // cs)
-        if new_clusters > len(self.imrt):
-            self._imrt_grow(res, new_clusters)
-        if cluster >= len(self.imrt):
+        self._imrt_grow(res, new_clusters)
+        if cluster >= self.imrt.size:
             return errno.EINVAL
         res.corruptions -= 1
         res.corruptions_fixed += 1
@@ -1252,32 +1399,41 @@ class Qcow2Checker:
         return self.cache.table(slot)
 
     def compare_refcounts(self, res: _Counts, fix: int, rebuild: list[bool]) -> int:
-        """Compare the counted references with the stored refcounts; the highest cluster in use."""
+        """Compare the counted references with the stored refcounts; the highest cluster in use.
+
+        Whole refcount blocks are compared at once; only where they differ
+        (or cannot be read) is QEMU's cluster-by-cluster walk repeated.  A
+        stretch with neither a count nor a refcount block is all zeroes on
+        both sides and is skipped.
+        """
         imrt = self.imrt
-        total = len(imrt)
+        total = imrt.size
+        per_block = self.refblock_size
+        blocks = set(imrt.keys)
+        last_block = (total - 1) >> self.refblock_bits if total else -1
+        for table_index in range(min(self.reftable_size, last_block + 1)):
+            if self.reftable[table_index] & REFT_OFFSET_MASK:
+                blocks.add(table_index)
         highest = 0
         itemsize = self.refcount_itemsize
-        per_block = self.refblock_size
-        index = 0
-        while index < total:
-            table_index = index >> self.refblock_bits
-            block_start = table_index << self.refblock_bits
-            end = min(total, block_start + per_block)
+        for table_index in sorted(blocks):
+            start = table_index << self.refblock_bits
+            if start >= total:
+                break
+            end = min(total, start + per_block)
             stored = self._disk_refcounts(table_index)
             if stored is not None:
-                counted = imrt[index:end].tobytes()
-                on_disk = stored[index - block_start:end - block_start].tobytes()
+                counted = imrt.block_bytes(table_index, 0, end - start)
+                on_disk = stored[:end - start].tobytes()
                 if len(on_disk) < len(counted):
                     on_disk += bytes(len(counted) - len(on_disk))
                 if counted == on_disk:
                     used = len(counted.rstrip(b"\0"))
                     if used:
-                        highest = index + (used - 1) // itemsize
-                    index = end
+                        highest = start + (used - 1) // itemsize
                     continue
-            for cluster in range(index, end):
+            for cluster in range(start, end):
                 highest = self._compare_one(res, fix, rebuild, cluster, highest)
-            index = end
         return highest
 
     def _compare_one(self, res: _Counts, fix: int, rebuild: list[bool], cluster: int,
@@ -1288,7 +1444,7 @@ class Qcow2Checker:
             self.say(f"Can't get refcount for cluster {cluster}: {_strerror(exc.code)}")
             res.check_errors += 1
             return highest
-        counted = self.imrt[cluster]
+        counted = self.imrt.get(cluster)
         if stored or counted:
             highest = cluster
         if stored == counted:
@@ -1359,14 +1515,15 @@ class Qcow2Checker:
                     res.corruptions -= 1
                     res.corruptions_fixed += 1
             try:
-                raw = self.read(l2_offset, cs)
+                raw = self.read_table(l2_offset, cs)
             except _Errno as exc:
                 self.say(f"ERROR: Could not read L2 table: {_strerror(exc.code)}")
                 res.check_errors += 1
                 raise
-            entries = list(struct.unpack(f">{cs // 8}Q", raw))
+            words = -(-len(raw) // (8 * step)) * step
+            entries = list(struct.unpack(f">{cs // 8}Q", raw + bytes(cs - len(raw))))
             dirty = 0
-            for j in range(self.l2_size):
+            for j in range(words // step):
                 entry = entries[j * step]
                 if entry & OFLAG_COMPRESSED:
                     continue
@@ -1411,12 +1568,24 @@ class Qcow2Checker:
     def _alloc_clusters_imrt(self, count: int, first_free: list[int]) -> int:
         """Take ``count`` contiguous clusters in the in-memory table; their offset."""
         imrt = self.imrt
+        block_bits = imrt.block_bits
         cluster = first_free[0]
         first_gap = True
         contiguous = 0
-        size = len(imrt)
+        size = imrt.size
         while cluster < size and contiguous < count:
-            if not imrt[cluster]:
+            chunk = imrt.chunks.get(cluster >> block_bits)
+            if chunk is None:
+                # A stretch without counts is free all the way through.
+                run = min(((cluster >> block_bits) + 1) << block_bits, size) - cluster
+                if first_gap:
+                    first_free[0] = cluster
+                    first_gap = False
+                take = min(run, count - contiguous)
+                contiguous += take
+                cluster += take
+                continue
+            if not chunk[cluster & imrt.mask]:
                 contiguous += 1
                 if first_gap:
                     first_free[0] = cluster
@@ -1425,13 +1594,10 @@ class Qcow2Checker:
                 contiguous = 0
             cluster += 1
         if contiguous < count:
-            needed = cluster + count - contiguous
-            if needed > MAX_IMRT_ENTRIES:
-                raise _Errno(errno.ENOMEM)
-            imrt.frombytes(bytes(self.refcount_itemsize * (needed - len(imrt))))
+            self._imrt_grow(None, cluster + count - contiguous)
         cluster -= contiguous
         for k in range(count):
-            imrt[cluster + k] = 1
+            imrt.set(cluster + k, 1)
         return cluster << self.cluster_bits
 
     def _write_refblocks(self, first_cluster: int, end_cluster: int,
@@ -1442,13 +1608,21 @@ class Qcow2Checker:
         per_block = self.refblock_size
         first_free = [0]
         grown = False
-        cluster = first_cluster
-        while cluster < end_cluster:
-            if cluster >= len(imrt) or not imrt[cluster]:
-                cluster += 1
-                continue
-            block_index = cluster >> self.refblock_bits
+        block_index = first_cluster >> self.refblock_bits
+        while True:
+            found = imrt.next_block(block_index)
+            if found is None:
+                break
+            block_index = found
             block_start = block_index << self.refblock_bits
+            low = max(first_cluster, block_start)
+            if low >= end_cluster:
+                break
+            high = min(end_cluster, block_start + per_block)
+            if not imrt.block_bytes(block_index, low - block_start,
+                                    high - block_start).rstrip(b"\0"):
+                block_index += 1
+                continue
             if len(reftable) > block_index and reftable[block_index]:
                 block_offset = reftable[block_index]
             else:
@@ -1469,13 +1643,14 @@ class Qcow2Checker:
             ret = self.overlap_check(0, block_offset, cs)
             if ret < 0:
                 raise _Errno(-ret, f"ERROR writing refblock: {_strerror(-ret)}")
+            chunk = imrt.chunks.get(block_index)
+            values = chunk if chunk is not None else array(self.refcount_code)
             try:
-                self.write(block_offset,
-                           self.encode_refblock(imrt[block_start:block_start + per_block]))
+                self.write(block_offset, self.encode_refblock(values))
             except _Errno as exc:
                 raise _Errno(exc.code, f"ERROR writing refblock: {_strerror(exc.code)}") \
                     from None
-            cluster = block_start + per_block
+            block_index += 1
         return grown
 
     def rebuild_refcount_structure(self, res: _Counts) -> None:
@@ -1491,7 +1666,7 @@ class Qcow2Checker:
             pass
         reftable: list[int] = []
         try:
-            grown = self._write_refblocks(0, len(self.imrt), reftable)
+            grown = self._write_refblocks(0, self.imrt.size, reftable)
         except _Errno:
             res.check_errors += 1
             raise
@@ -1531,6 +1706,7 @@ class Qcow2Checker:
         self.reftable_offset = reftable_offset
         self.reftable_size = len(reftable)
         self._update_max_reftable_index()
+        self.layout_changed()
 
     # -- the whole refcount check -------------------------------------------------------------------
 
@@ -1543,7 +1719,8 @@ class Qcow2Checker:
             res.check_errors += 1
             raise _Errno(errno.EFBIG)
         res.total_clusters = -(-(self.total_sectors * 512) // cs)
-        self.imrt = array(self.refcount_code)
+        self.imrt = _CountedRefs(self.refcount_code, self.refcount_itemsize,
+                                 self.refblock_bits)
         self._imrt_grow(res, nb_clusters)
         rebuild = [False]
         self.calculate_refcounts(res, fix, rebuild)
@@ -1564,7 +1741,7 @@ class Qcow2Checker:
             res.corruptions = 0
             res.leaks = 0
             rebuild[0] = False
-            self.imrt = array(self.refcount_code, bytes(len(self.imrt) * self.refcount_itemsize))
+            self.imrt.clear()
             self.calculate_refcounts(res, 0, rebuild)
             if fix & FIX_LEAKS:
                 saved = res.copy()
@@ -1813,9 +1990,9 @@ class Qcow2Checker:
             raise CheckFailedError(_strerror(exc.code), errno=exc.code,
                                    messages=self.messages) from None
         return CheckResult(
-            check_errors=result.check_errors, corruptions=result.corruptions,
-            leaks=result.leaks, corruptions_fixed=result.corruptions_fixed,
-            leaks_fixed=result.leaks_fixed, image_end_offset=result.image_end_offset,
+            check_errors=_c_int(result.check_errors), corruptions=_c_int(result.corruptions),
+            leaks=_c_int(result.leaks), corruptions_fixed=_c_int(result.corruptions_fixed),
+            leaks_fixed=_c_int(result.leaks_fixed), image_end_offset=result.image_end_offset,
             total_clusters=result.total_clusters, allocated_clusters=result.allocated_clusters,
             fragmented_clusters=result.fragmented_clusters,
             compressed_clusters=result.compressed_clusters, messages=self.messages)
@@ -1864,6 +2041,7 @@ class Qcow2Checker:
                 # qcow2_close has already let go of the L1 table, so the
                 # overlap checks of its final flush skip the active L2 tables.
                 self.l1_table = []
+                self.layout_changed()
                 failed = self.cache.write_all()
                 if failed < 0:
                     self.report("Failed to flush the refcount block cache: "
