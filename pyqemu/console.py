@@ -31,7 +31,7 @@ def release_stdout() -> None:
         os.close(devnull)
 
 
-def _program_name(argv0: str, default: str) -> str:
+def program_name(argv0: str, default: str) -> str:
     """QEMU names itself by argv[0]'s basename; the pyqemu- install names map
     to the QEMU tool they stand in for, so messages read "qemu-img: ..."."""
     base = argv0.rsplit("/", 1)[-1] if argv0 else default

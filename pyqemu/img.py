@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from pyqemu.console import Console, _program_name, release_stdout
+from pyqemu.console import Console, program_name, release_stdout
 from pyqemu.getopt import NO_ARGUMENT, REQUIRED_ARGUMENT, GetOpt, LongOption
 
 VERSION = "7.2.0 (pyqemu 0.1.0)"
@@ -146,7 +146,7 @@ def main() -> None:
     # Ctrl-C ends the process the way it ends QEMU's tools: by the signal
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     argv0 = sys.argv[0] if sys.argv else "qemu-img"
-    prog = _program_name(argv0, "qemu-img")
+    prog = program_name(argv0, "qemu-img")
     status = run(sys.argv[1:], sys.stdin, sys.stdout, sys.stderr, prog=prog)
     release_stdout()
     sys.exit(status)

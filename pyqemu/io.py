@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from typing import Any, TextIO
 
-from pyqemu.console import Console, _program_name, release_stdout
+from pyqemu.console import Console, program_name, release_stdout
 from pyqemu.getopt import NO_ARGUMENT, REQUIRED_ARGUMENT, GetOpt, LongOption
 
 VERSION = "7.2.0 (pyqemu 0.1.0)"
@@ -91,7 +91,6 @@ class IoSession:
         self.quit = False
         self._request: Any = None
         self._flags: OpenFlags | None = None
-        self._name: str | None = None
 
     def out(self, text: str) -> None:
         self.console.out(text)
@@ -181,7 +180,7 @@ class IoSession:
             return 1
         from pyqemu.opening import print_open_messages
         print_open_messages(console, self.node)
-        self._request, self._flags, self._name = request, flags, name
+        self._request, self._flags = request, flags
         self.writethrough = flags.writethrough
         return 0
 
@@ -580,7 +579,7 @@ def main() -> None:
     # Ctrl-C ends the process the way it ends QEMU's tools: by the signal
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     argv0 = sys.argv[0] if sys.argv else "qemu-io"
-    prog = _program_name(argv0, "qemu-io")
+    prog = program_name(argv0, "qemu-io")
     if argv0.rsplit("/", 1)[-1].startswith("pyqemu-"):
         # glibc's option errors quote argv[0]; under its install name the tool
         # speaks as the qemu-io it stands in for
