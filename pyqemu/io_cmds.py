@@ -498,8 +498,14 @@ def _write_data(session: IoSession, offset: int, count: int, fill: _Pattern,
 
     node = session.node
     try:
-        if count <= CHUNK or offset + count > node.length():
-            # one request: whatever the engine refuses, it refuses before writing
+        if count <= CHUNK:
+            node.write(offset, fill.piece(0, count), fua=fua)
+            return 0
+        if offset + count > node.length():
+            # A request reaching past the end is refused whole, before any
+            # data moves; an empty request at its end is refused the same way
+            # and needs no buffer of the request's size.
+            node.write(offset + count, b"", fua=fua)
             node.write(offset, fill.piece(0, count), fua=fua)
             return 0
         for piece_offset, piece_length in chunks(offset, count):

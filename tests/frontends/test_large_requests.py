@@ -29,6 +29,7 @@ SETUP = (
     ["write -P 0x1a 30M 3M"],
     ["read -P 0x11 3M 7M"],
     ["read -v 4194290 32"],
+    ["write -P 1 20M 200M", "writev 30M 100M 100M", "read 20M 200M", "read -P 0 0 1M"],
 ], ids=" ; ".join)
 def test_chunked_requests_match_qemu(twins, engine, commands):
     twins.setup(*SETUP)
