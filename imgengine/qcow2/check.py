@@ -106,6 +106,20 @@ SUBCLUSTERS_PER_CLUSTER = 32
 L2_BITMAP_ALL_ALLOC = (1 << 32) - 1
 L2_BITMAP_ALL_ZEROES = L2_BITMAP_ALL_ALLOC << 32
 
+# Persistent dirty bitmaps (qcow2-bitmap.c).
+BME_MAX_TABLE_SIZE = 0x8000000
+BME_MAX_PHYS_SIZE = 0x20000000
+BME_MAX_GRANULARITY_BITS = 31
+BME_MIN_GRANULARITY_BITS = 9
+BME_MAX_NAME_SIZE = 1023
+BME_RESERVED_FLAGS = 0xFFFFFFFC
+BME_FLAG_IN_USE = 1
+BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
+BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
+BT_DIRTY_TRACKING_BITMAP = 1
+_BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")
+
 SNAPSHOT_EXTRA_DATA_SIZE = 24  # vm_state_size_large, disk_size, icount
 _SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")
 
@@ -383,6 +397,27 @@ class _Snapshot:
         return f"{ident} ({name})"
 
 
+@dataclass
+class _Bitmap:
+    """A bitmap directory entry, as bitmap_list_load keeps it."""
+
+    table_offset: int
+    table_size: int
+    flags: int
+    granularity_bits: int
+    name: bytes
+
+
+def _check_bitmap_table_entry(entry: int, cluster_size: int) -> bool:
+    """check_table_entry: whether a bitmap table entry is well formed."""
+    if entry & BME_TABLE_ENTRY_RESERVED_MASK:
+        return False
+    offset = entry & BME_TABLE_ENTRY_OFFSET_MASK
+    if offset and (entry & BME_TABLE_ENTRY_FLAG_ALL_ONES or offset % cluster_size):
+        return False
+    return True
+
+
 # -- the refcount block cache --------------------------------------------------------------
 
 class _RefblockCache:
@@ -626,9 +661,12 @@ class Qcow2Checker:
             raise UnsupportedImageError("Parameter 'encrypt.key-secret' is required for cipher",
                                         errno=errno.EINVAL)
         read_backing_file_name(header, read)
+        self.bitmaps: list[_Bitmap] = []
         if header.bitmaps is not None:
-            raise UnsupportedImageError("qcow2 images with persistent dirty bitmaps are not "
-                                        "supported", errno=errno.ENOTSUP)
+            if self.writable:
+                raise UnsupportedImageError("Images with persistent dirty bitmaps can only be "
+                                            "opened read-only", errno=errno.ENOTSUP)
+            self._load_bitmaps()
         # A writable open drops autoclear bits QEMU does not know.
         if self._owns_file and self.writable and header.autoclear_features & ~AUTOCLEAR_MASK:
             header.autoclear_features &= AUTOCLEAR_MASK
@@ -637,6 +675,136 @@ class Qcow2Checker:
             except _Errno as exc:
                 raise ImageError(f"Could not update qcow2 header: {_strerror(exc.code)}",
                                  errno=exc.code) from None
+
+    def _bitmap_list(self) -> list[_Bitmap]:
+        """bitmap_list_load: the validated bitmap directory; raises _Errno with QEMU's text."""
+        extension = self.header.bitmaps
+        assert extension is not None
+        size = extension.directory_size
+        if size == 0:
+            raise _Errno(errno.EINVAL, "Requested bitmap directory size is zero")
+        if size > 1024 * 65535:
+            raise _Errno(errno.EINVAL, "Requested bitmap directory size is too big")
+        try:
+            directory = self.read(extension.directory_offset, size)
+        except _Errno as exc:
+            raise _Errno(exc.code, "Failed to read bitmap directory: "
+                                   f"{_strerror(exc.code)}") from None
+        bitmaps: list[_Bitmap] = []
+        position = 0
+        entry_size = _BITMAP_DIR_ENTRY.size
+        while position < size:
+            if position + entry_size > size:
+                raise _Errno(errno.EINVAL, "Broken bitmap directory")
+            if len(bitmaps) + 1 > extension.nb_bitmaps:
+                raise _Errno(errno.EINVAL, "More bitmaps found than specified in header "
+                                           "extension")
+            (table_offset, table_size, flags, kind, granularity_bits, name_size,
+             extra_size) = _BITMAP_DIR_ENTRY.unpack_from(directory, position)
+            length = -(-(entry_size + name_size + extra_size) // 8) * 8
+            if position + length > size:
+                raise _Errno(errno.EINVAL, "Broken bitmap directory")
+            if extra_size:
+                raise _Errno(errno.EINVAL, "Bitmap extra data is not supported")
+            name = directory[position + entry_size:position + entry_size + name_size]
+            if not self._bitmap_entry_valid(table_offset, table_size, flags, kind,
+                                            granularity_bits, name_size):
+                shown = name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                raise _Errno(errno.EINVAL, f"Bitmap '{shown}' doesn't satisfy the constraints")
+            bitmaps.append(_Bitmap(table_offset, table_size, flags, granularity_bits, name))
+            position += length
+        if len(bitmaps) != extension.nb_bitmaps:
+            raise _Errno(errno.EINVAL, "Less bitmaps found than specified in header extension")
+        if position != size:
+            raise _Errno(errno.EINVAL, "Broken bitmap directory")
+        return bitmaps
+
+    def _bitmap_entry_valid(self, table_offset: int, table_size: int, flags: int, kind: int,
+                            granularity_bits: int, name_size: int) -> bool:
+        """check_dir_entry."""
+        cs = self.cluster_size
+        if (table_size == 0 or table_offset == 0 or table_offset % cs
+                or table_size > BME_MAX_TABLE_SIZE
+                or not BME_MIN_GRANULARITY_BITS <= granularity_bits <= BME_MAX_GRANULARITY_BITS
+                or flags & BME_RESERVED_FLAGS or name_size > BME_MAX_NAME_SIZE
+                or kind != BT_DIRTY_TRACKING_BITMAP):
+            return False
+        physical = table_size * cs
+        if physical > BME_MAX_PHYS_SIZE:
+            return False
+        length = self.total_sectors * 512
+        return bool(flags & BME_FLAG_IN_USE) or length <= (physical * 8) << granularity_bits
+
+    def _bitmap_table(self, bitmap: _Bitmap) -> list[int] | None:
+        """bitmap_table_load: the table, or None when an entry is malformed."""
+        raw = self.read(bitmap.table_offset, bitmap.table_size * 8)
+        table = list(struct.unpack(f">{bitmap.table_size}Q", raw))
+        for entry in table:
+            if not _check_bitmap_table_entry(entry, self.cluster_size):
+                return None
+        return table
+
+    def _load_bitmaps(self) -> None:
+        """qcow2_load_dirty_bitmaps on a read-only open: validate what QEMU would load."""
+        try:
+            bitmaps = self._bitmap_list()
+        except _Errno as exc:
+            raise CorruptImageError(exc.text or _strerror(exc.code), errno=exc.code) from None
+        length = self.total_sectors * 512
+        seen: set[bytes] = set()
+        for bitmap in bitmaps:
+            name = bitmap.name.split(b"\0", 1)[0]
+            shown = name.decode("utf-8", "surrogateescape")
+            if name in seen:
+                raise CorruptImageError(f"Bitmap already exists: {shown}", errno=errno.EINVAL)
+            seen.add(name)
+            if bitmap.flags & BME_FLAG_IN_USE:
+                continue  # its data is not loaded
+            try:
+                table = self._bitmap_table(bitmap)
+            except _Errno as exc:
+                table, code = None, exc.code
+            else:
+                code = errno.EINVAL
+            if table is None:
+                raise CorruptImageError(
+                    f"Could not read bitmap_table table from image for bitmap '{shown}': "
+                    f"{_strerror(code)}", errno=code)
+            # The table must be exactly as long as the serialised bitmap.
+            words = (((length - 1) >> bitmap.granularity_bits) // 64 + 1) if length else 0
+            needed = -(-(words * 8) // self.cluster_size)
+            if needed != bitmap.table_size or needed > BME_MAX_TABLE_SIZE:
+                raise CorruptImageError(f"Could not read bitmap '{shown}' from image: "
+                                        f"{_strerror(errno.EINVAL)}", errno=errno.EINVAL)
+        self.bitmaps = bitmaps
+
+    def check_bitmaps_refcounts(self, res: _Counts) -> None:
+        """qcow2_check_bitmaps_refcounts."""
+        extension = self.header.bitmaps
+        if extension is None or not extension.nb_bitmaps:
+            return
+        self.inc_refcounts(res, extension.directory_offset, extension.directory_size)
+        try:
+            bitmaps = self._bitmap_list()
+        except _Errno:
+            res.corruptions += 1
+            raise _Errno(errno.EINVAL) from None
+        for bitmap in bitmaps:
+            self.inc_refcounts(res, bitmap.table_offset, bitmap.table_size * 8)
+            try:
+                table = self._bitmap_table(bitmap)
+            except _Errno:
+                table = None
+            if table is None:
+                res.corruptions += 1
+                raise _Errno(errno.EINVAL)
+            for entry in table:
+                if not _check_bitmap_table_entry(entry, self.cluster_size):
+                    res.corruptions += 1
+                    continue
+                offset = entry & BME_TABLE_ENTRY_OFFSET_MASK
+                if offset:
+                    self.inc_refcounts(res, offset, self.cluster_size)
 
     def _open_read(self, offset: int, length: int) -> bytes:
         try:
@@ -1379,6 +1547,7 @@ class Qcow2Checker:
                                     fix, False)
         self.inc_refcounts(res, self.snapshots_offset, self.snapshots_size)
         self.inc_refcounts(res, self.reftable_offset, self.reftable_size * REFTABLE_ENTRY_SIZE)
+        self.check_bitmaps_refcounts(res)
         self.check_refblocks(res, fix, rebuild)
 
     # -- comparing ----------------------------------------------------------------------------------
