@@ -43,7 +43,7 @@ class ImageInfo:
     format_specific: dict[str, object] | None
 
 
-@dataclass
+@dataclass(slots=True)
 class MapEntry:
     """One entry of ``qemu-img map --output=json``."""
 

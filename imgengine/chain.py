@@ -9,12 +9,11 @@ backing file cannot supply into zeroes "allocated" at that layer.
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
-from .errors import ImageError
-from .node import ALLOCATED, DATA, EOF, OFFSET_VALID, ZERO, BlockNode
+from .hostfile import HostFile
+from .node import ALLOCATED, DATA, EOF, OFFSET_VALID, RAW, RECURSE, ZERO, BlockNode
 
 if TYPE_CHECKING:
     from .api import MapEntry
@@ -130,6 +129,65 @@ def mergeable(curr: MapEntry, nxt: MapEntry) -> bool:
     return True
 
 
+def _file_runs(file: HostFile, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
+    """(offset, length, flags) of a file's own block status, run after run."""
+    end = offset + length
+    while offset < end:
+        flags, pnum = file.block_status(offset, end - offset)
+        if pnum <= 0:
+            # Past the end of the file everything reads as zero.
+            yield offset, end - offset, ZERO | EOF
+            return
+        yield offset, pnum, flags
+        offset += pnum
+
+
+# A map run: (start, length, depth, present, zero, data, host offset, file).
+_Run = tuple[int, int, int, bool, bool, bool, "int | None", "HostFile | None"]
+
+
+def _layer_runs(node: BlockNode, start: int, end: int, depth: int) -> Iterator[_Run]:
+    """What qemu-img map finds for ``[start, end)`` from ``node`` down, in bulk.
+
+    Gives the same classification as repeated ``map_entry`` steps (each byte
+    gets the layer, flags and host offset QEMU's walk gives it), a run at a
+    time instead of a request at a time.
+    """
+    backing = node.backing
+    backing_end = backing.length() if backing is not None else 0
+    for flags, length, host, file in node.driver.status_runs(start, end):
+        run_start = start
+        start += length
+        if not flags:
+            if backing is None:
+                yield run_start, length, depth, False, True, False, None, None
+                continue
+            below_end = min(run_start + length, backing_end)
+            if run_start < below_end:
+                yield from _layer_runs(backing, run_start, below_end, depth + 1)
+            beyond = max(run_start, backing_end)
+            if beyond < run_start + length:
+                yield beyond, run_start + length - beyond, depth, False, True, False, None, None
+            continue
+        if flags & (RAW | RECURSE):
+            if flags & RAW:
+                for offset, size, file_flags in _file_runs(file, host, length):
+                    yield (run_start + offset - host, size, depth, True,
+                           bool(file_flags & ZERO), bool(file_flags & DATA), offset, file)
+                continue
+            # Metadata preallocation: holes in the file read as zero.
+            for offset, size, file_flags in _file_runs(file, host, length):
+                yield (run_start + offset - host, size, depth, True,
+                       bool(file_flags & ZERO), True, offset, file)
+            continue
+        if flags & OFFSET_VALID:
+            yield (run_start, length, depth, True, bool(flags & ZERO), bool(flags & DATA),
+                   host, file)
+        else:
+            yield (run_start, length, depth, True, bool(flags & ZERO), bool(flags & DATA),
+                   None, None)
+
+
 def map_entries(node: BlockNode, start: int = 0,
                 length: int | None = None) -> Iterator[MapEntry]:
     """The merged entries ``qemu-img map`` prints for ``[start, start+length)``."""
@@ -138,19 +196,30 @@ def map_entries(node: BlockNode, start: int = 0,
     end = node.length()
     if length is not None:
         end = min(start + length, end)
-    curr = MapEntry(start=start, length=0, depth=0, present=False, zero=False,
-                    data=False, offset=None, filename=None)
-    while curr.start + curr.length < end:
-        offset = curr.start + curr.length
-        nxt = map_entry(node, offset, end - offset)
-        if nxt.length <= 0:
-            raise ImageError("Could not read file metadata: Input/output error",
-                             errno=errno.EIO)
-        if mergeable(curr, nxt):
-            curr.length += nxt.length
+    if start >= end:
+        yield MapEntry(start=start, length=0, depth=0, present=False, zero=False,
+                       data=False, offset=None, filename=None)
+        return
+    # Runs are merged as qemu-img merges entries: same flags and depth, same
+    # file, and host offsets that continue.
+    c_start = c_size = c_depth = -1
+    c_present = c_zero = c_data = False
+    c_host: int | None = None
+    c_file: HostFile | None = None
+    for run_start, size, depth, present, zero, data, host, file in \
+            _layer_runs(node, start, end, 0):
+        if size <= 0:
             continue
-        if curr.length > 0:
-            yield curr
-        curr = nxt
-    if curr.length > 0 or start >= end:
-        yield curr
+        if (depth == c_depth and zero == c_zero and data == c_data and present == c_present
+                and file is c_file
+                and (host is None if c_host is None else host == c_host + c_size)):
+            c_size += size
+            continue
+        if c_size > 0:
+            yield MapEntry(c_start, c_size, c_depth, c_present, c_zero, c_data, c_host,
+                           c_file.filename if c_file is not None else None)
+        c_start, c_size, c_depth, c_present, c_zero, c_data, c_host, c_file = \
+            run_start, size, depth, present, zero, data, host, file
+    if c_size > 0:
+        yield MapEntry(c_start, c_size, c_depth, c_present, c_zero, c_data, c_host,
+                       c_file.filename if c_file is not None else None)

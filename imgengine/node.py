@@ -89,6 +89,9 @@ class Driver:
     def preadv(self, offset: int, length: int) -> bytes:
         raise NotImplementedError
 
+    def preadv_into(self, offset: int, view: memoryview) -> None:
+        view[:] = self.preadv(offset, len(view))
+
     def pwritev(self, offset: int, data: memoryview) -> None:
         raise NotImplementedError
 
@@ -101,6 +104,20 @@ class Driver:
     def block_status(self, want_zero: bool, offset: int, length: int) -> DriverStatus:
         raise NotImplementedError
 
+    def status_runs(self, start: int, end: int) -> Iterator[DriverStatus]:
+        """Driver-level block status over ``[start, end)``, run after run.
+
+        Each item is what ``block_status`` would report at the run's start,
+        its ``pnum`` the run's length.  Formats override this to work in bulk.
+        """
+        offset = start
+        while offset < end:
+            st = self.block_status(True, offset, end - offset)
+            if st.pnum <= 0:
+                raise RequestError("Input/output error", errno=errno.EIO)
+            yield st
+            offset += st.pnum
+
     def flush(self) -> None:
         raise NotImplementedError
 
@@ -112,6 +129,20 @@ class Driver:
 
     def check(self, fix: frozenset[str]) -> CheckResult:
         raise ImageError("This image format does not support checks", errno=errno.ENOTSUP)
+
+
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+def fill_zero(view: memoryview) -> None:
+    """Zero a writable buffer without allocating one as large."""
+    length = len(view)
+    position = 0
+    chunk = len(_ZERO_CHUNK)
+    while position < length:
+        step = min(chunk, length - position)
+        view[position:position + step] = _ZERO_CHUNK[:step] if step < chunk else _ZERO_CHUNK
+        position += step
 
 
 def _io_error(err: int) -> RequestError:
@@ -185,6 +216,31 @@ class BlockNode:
         if length == 0:
             return b""
         return self.driver.preadv(offset, length)
+
+    def read_into(self, offset: int, buffer: bytearray | memoryview) -> None:
+        """Read ``len(buffer)`` bytes at ``offset`` straight into ``buffer``.
+
+        The zero-copy form of ``read`` for large requests: the caller owns
+        (and may reuse) the buffer, as qemu-io allocates its own.
+        """
+        view = memoryview(buffer).cast("B")
+        if view.readonly:
+            raise RequestError("Bad address", errno=errno.EFAULT)
+        self._check_request(offset, len(view))
+        if len(view):
+            self.driver.preadv_into(offset, view)
+
+    def read_child_into(self, offset: int, view: memoryview) -> None:
+        """``read_child`` into a buffer."""
+        length = len(view)
+        if length <= 0:
+            return
+        size = self.length()
+        inside = max(0, min(length, size - offset))
+        if inside:
+            self.driver.preadv_into(offset, view[:inside])
+        if inside < length:
+            fill_zero(view[inside:])
 
     def read_child(self, offset: int, length: int) -> bytes:
         """Read as a parent node does: what lies past this node's end is zero."""

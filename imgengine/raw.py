@@ -9,6 +9,7 @@ probed rather than named gets QEMU's protection of its first sector.
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from .errors import RequestError
@@ -37,6 +38,9 @@ class RawDriver(Driver):
 
     def preadv(self, offset: int, length: int) -> bytes:
         return self.file.pread(offset, length)
+
+    def preadv_into(self, offset: int, view: memoryview) -> None:
+        self.file.preadinto(offset, view)
 
     def pwritev(self, offset: int, data: memoryview) -> None:
         if self.probed and offset < PROBE_BUFFER_SIZE and len(data):
@@ -68,6 +72,9 @@ class RawDriver(Driver):
     def block_status(self, want_zero: bool, offset: int, length: int) -> DriverStatus:
         # Like QEMU's raw format: "ask the file", which the generic layer does.
         return DriverStatus(RAW | OFFSET_VALID, length, offset, self.file)
+
+    def status_runs(self, start: int, end: int) -> Iterator[DriverStatus]:
+        yield DriverStatus(RAW | OFFSET_VALID, end - start, start, self.file)
 
     def flush(self) -> None:
         self.file.flush()

@@ -16,10 +16,12 @@ from __future__ import annotations
 import errno
 import struct
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import ImageError
+from ..node import DATA, OFFSET_VALID, RECURSE, ZERO
 from .format import (
     L1E_OFFSET_MASK,
     L1E_SIZE,
@@ -158,6 +160,100 @@ class ClusterMapping:
         if bytes_available > bytes_needed:
             bytes_available = bytes_needed
         return bytes_available - offset_in_cluster, host, ctype
+
+    def status_runs(self: Qcow2Driver, start: int, end: int) -> Iterator[tuple]:
+        """Block status in bulk over ``[start, end)``, a whole L2 slice at a time.
+
+        Yields (flags, length, host offset, file) tuples: what block_status
+        reports, run after run (runs are not necessarily maximal; compressed
+        clusters come one by one).  This is what qemu-img map is built on.
+        """
+        self._check_usable()
+        if self.metadata_prealloc is None:
+            self.metadata_prealloc = self._detect_metadata_preallocation()
+        data_flags = DATA | OFFSET_VALID | (RECURSE if self.metadata_prealloc else 0)
+        zero_alloc_flags = ZERO | OFFSET_VALID
+        file = self.file
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        l2_span_bits = self.l2_bits + cb
+        slice_entries = self.l2_slice_size
+        v2 = self.qcow_version < 3
+        offset_mask = L2E_OFFSET_MASK
+        pos = start
+        while pos < end:
+            l1_index = pos >> l2_span_bits
+            span_end = min(end, (l1_index + 1) << l2_span_bits)
+            l2_offset = self.l1_table[l1_index] & L1E_OFFSET_MASK \
+                if l1_index < self.l1_size else 0
+            if not l2_offset:
+                yield 0, span_end - pos, None, None
+                pos = span_end
+                continue
+            if l2_offset & (cs - 1):
+                self.signal_corruption(f"L2 table offset {hexc(l2_offset)} unaligned "
+                                       f"(L1 index: {hexc(l1_index)})")
+            while pos < span_end:
+                first = (pos >> cb) & (slice_entries - 1)
+                slice_end = min(span_end, ((pos >> cb) - first + slice_entries) << cb)
+                table, _ = self.l2_load(pos, l2_offset, l1_index)
+                stop = (((slice_end - 1) >> cb) & (slice_entries - 1)) + 1
+                base = ((pos >> cb) - first) << cb   # guest offset of table[0]
+                i = first
+                run_start = pos
+                while i < stop:
+                    entry = table[i]
+                    j = i + 1
+                    if not entry:
+                        while j < stop and not table[j]:
+                            j += 1
+                        flags = 0
+                        host = None
+                        run_file = None
+                    elif not entry & 0x4000000000000001:
+                        # A normal cluster: extend over host-contiguous ones.
+                        host = entry & offset_mask
+                        if host & (cs - 1):
+                            self._unaligned_cluster(host, l2_offset, i)
+                        expected = host + cs
+                        while j < stop:
+                            nxt = table[j]
+                            if nxt & 0x4000000000000001 or nxt & offset_mask != expected:
+                                break
+                            expected += cs
+                            j += 1
+                        host += run_start - base - (i << cb)
+                        flags = data_flags
+                        run_file = file
+                    else:
+                        ctype = cluster_type(entry)
+                        if v2 and ctype in (ZERO_PLAIN, ZERO_ALLOC):
+                            self.signal_corruption(
+                                f"Zero cluster entry found in pre-v3 image (L2 offset: "
+                                f"{hexc(l2_offset)}, L2 index: {hexc(i)})")
+                        if ctype == COMPRESSED:
+                            flags, host, run_file = DATA, None, None
+                        else:
+                            j = i + count_contiguous(table, i, stop - i, ctype, cs)
+                            if ctype == ZERO_PLAIN:
+                                flags, host, run_file = ZERO, None, None
+                            else:
+                                host = entry & offset_mask
+                                if host & (cs - 1):
+                                    self._unaligned_cluster(host, l2_offset, i)
+                                host += run_start - base - (i << cb)
+                                flags, run_file = zero_alloc_flags, file
+                    run_end = base + (j << cb)
+                    if run_end > slice_end:
+                        run_end = slice_end
+                    yield flags, run_end - run_start, host, run_file
+                    run_start = run_end
+                    i = j
+                pos = slice_end
+
+    def _unaligned_cluster(self: Qcow2Driver, host: int, l2_offset: int, index: int) -> None:
+        self.signal_corruption(f"Cluster allocation offset {hexc(host)} unaligned (L2 "
+                               f"offset: {hexc(l2_offset)}, L2 index: {hexc(index)})")
 
     # -- L1 table ------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError, ImageError, RequestError, UnsupportedImageError
 from ..hostfile import HostFile, NotSupported
-from ..node import DATA, OFFSET_VALID, RECURSE, ZERO, Driver, DriverStatus
+from ..node import DATA, OFFSET_VALID, RECURSE, ZERO, Driver, DriverStatus, fill_zero
 from . import format as fmt
 from .cache import TableCache, entry_codec
 from .cluster import (
@@ -633,6 +633,26 @@ class Qcow2Driver(ClusterMapping, Driver):
             return chunks[0]
         return b"".join(chunks)
 
+    def preadv_into(self, offset: int, view: memoryview) -> None:
+        """preadv into a caller's buffer (no intermediate copies)."""
+        self._check_usable()
+        backing = self.backing
+        position = 0
+        length = len(view)
+        while position < length:
+            cur, host, ctype = self.get_host_offset(offset, min(length - position, INT_MAX))
+            part = view[position:position + cur]
+            if ctype == NORMAL:
+                self.file.preadinto(host, part)
+            elif ctype == UNALLOCATED and backing is not None:
+                backing.read_child_into(offset, part)
+            elif ctype == COMPRESSED:
+                part[:] = self._read_compressed(host, offset, cur)
+            else:
+                fill_zero(part)
+            offset += cur
+            position += cur
+
     def pwritev(self, offset: int, data: memoryview) -> None:
         """Write a guest range with allocation and copy-on-write."""
         self._check_usable()
@@ -752,14 +772,7 @@ class Qcow2Driver(ClusterMapping, Driver):
         real_clusters = self.file.allocated_size() // self.cluster_size
         threshold = max(real_clusters * 10 // 9, real_clusters + 2)
         end_cluster = -(-file_length // self.cluster_size)
-        count = 0
-        get = self.refcounts.get
-        index = 0
-        while index < end_cluster and count < threshold:
-            if get(index):
-                count += 1
-            index += 1
-        return count >= threshold
+        return self.refcounts.count_used(end_cluster, threshold) >= threshold
 
     def write_caches(self, *, force_refcounts: bool = False) -> None:
         self.l2_cache.flush()

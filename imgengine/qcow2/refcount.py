@@ -146,6 +146,27 @@ class Refcounts:
         block = self._block(block_offset, table_index)
         return block[cluster_index & (self.block_entries - 1)]
 
+    def count_used(self, end_cluster: int, limit: int) -> int:
+        """How many clusters below ``end_cluster`` have a refcount (up to ``limit``)."""
+        count = 0
+        entries = self.block_entries
+        table_index = 0
+        while table_index * entries < end_cluster and count < limit:
+            if table_index >= self.table_size:
+                break
+            block_offset = self.table[table_index] & REFT_OFFSET_MASK
+            stop = min(entries, end_cluster - table_index * entries)
+            if block_offset:
+                block = self._block(block_offset, table_index)
+                used = stop - block[:stop].count(0) if stop < entries else \
+                    entries - block.count(0)
+                if count + used >= limit:
+                    # QEMU stops counting at the limit; so do we.
+                    return limit
+                count += used
+            table_index += 1
+        return count
+
     # -- allocation ------------------------------------------------------------------
 
     def alloc_clusters_noref(self, size: int, max_offset: int = MAX_CLUSTER_OFFSET) -> int:
