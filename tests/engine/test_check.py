@@ -342,7 +342,27 @@ def damage_overflow_refcount(s):
     s.set_u64(where, entry)
 
 
+def header_write(offset: int, layout: str, *values: int):
+    """Damage that overwrites header fields."""
+    def harm(s):
+        s.write(offset, struct.pack(layout, *values))
+    return harm
+
+
+SNAPSHOTTED = dict(io=("write 0 128k", "snapshot s", "write 64k 64k"))
+
 DAMAGE = {
+    "header-no-refcount-table": (header_write(56, ">I", 0), SNAPSHOTTED),
+    "header-refcount-order-7": (header_write(96, ">I", 7), SNAPSHOTTED),
+    "header-l1-past-eof": (header_write(40, ">Q", 1 << 28), SNAPSHOTTED),
+    "header-reftable-past-eof": (header_write(48, ">Q", 1 << 28), SNAPSHOTTED),
+    "header-odd-size": (header_write(24, ">Q", (16 << 20) + 100), SNAPSHOTTED),
+    "header-dirty": (header_write(72, ">Q", fmt.INCOMPAT_DIRTY), SNAPSHOTTED),
+    # a writable open drops unknown autoclear bits, rewriting the header
+    # from a check-mode open that has not read the snapshot table
+    "header-unknown-autoclear": (header_write(88, ">Q", 1 << 5), SNAPSHOTTED),
+    "header-size-too-big": (header_write(24, ">Q", 1 << 62), SNAPSHOTTED),
+    "header-crypt-method": (header_write(32, ">I", 0xC3000000), SNAPSHOTTED),
     "raised-refcount": (damage_raised_refcount, dict(io=DATA)),
     "raised-refcount-refcount-1": (damage_raised_refcount,
                                    dict(options="cluster_size=4096,refcount_bits=2", io=DATA)),
@@ -388,13 +408,19 @@ DAMAGE = {
 }
 
 
+# Changes a read-only check rightly reports nothing about: they matter to
+# what a repair writes (the header is rewritten), which the files compare.
+QUIET_DAMAGE = {"header-odd-size", "header-dirty", "header-unknown-autoclear"}
+
+
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_damaged_image_matches_qemu(qemu_img, qemu_io, tmp_path, damage):
     harm, shape = DAMAGE[damage]
     image = make_image(qemu_img, qemu_io, tmp_path / "src", **shape)
     harm(tools.Qcow2Surgery(image))
     outcomes = compare_with_qemu(qemu_img, image, tmp_path)
-    assert outcomes[0].status != 0 or outcomes[0].stderr, "the damage went unnoticed"
+    if damage not in QUIET_DAMAGE:
+        assert outcomes[0].status != 0 or outcomes[0].stderr, "the damage went unnoticed"
 
 
 def _count_calls(monkeypatch, name: str, only_eagain: bool = False) -> list[int]:
