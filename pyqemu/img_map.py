@@ -12,6 +12,7 @@ it merge more, exactly as QEMU does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pyqemu.getopt import REQUIRED_ARGUMENT, LongOption
 from pyqemu.img import FORCE_SHARE, FORMAT, HELP, IMAGE_OPTS, OBJECT, OUTPUT, Exit, ImgTool
@@ -130,6 +131,8 @@ def _walk(tool: ImgTool, node: object, filename: str, as_json: bool, start_offse
         return 1
     if max_length != -1:
         length = min(start_offset + max_length, length)
+    if as_json and hasattr(node, "map"):
+        return _json_from_engine(tool, node, start_offset, length)
 
     current = Entry(start_offset, 0)
     while current.start + current.length < length:
@@ -153,6 +156,33 @@ def _walk(tool: ImgTool, node: object, filename: str, as_json: bool, start_offse
         return 1
     if as_json:
         tool.out("]\n")
+    return 0
+
+
+def _json_from_engine(tool: ImgTool, node: Any, start: int, end: int) -> int:
+    """JSON output from the engine's merged entries (BlockNode.map does QEMU's
+    merging, and in bulk): each entry printed as soon as the next is known."""
+    import imgengine
+
+    entries = iter(node.map(start, end - start))
+    previous: Entry | None = None
+    while True:
+        try:
+            step = next(entries, None)
+        except (imgengine.ImageError, OSError) as error:
+            tool.notice(error)
+            tool.error(f"Could not read file metadata: {_strerror(error)}")
+            return 1
+        if step is None:
+            break
+        entry = Entry(step.start, step.length, step.depth, bool(step.present),
+                      bool(step.zero), bool(step.data), step.offset)
+        if previous is not None:
+            tool.out(_json(previous) + ",\n")
+        previous = entry
+    if previous is None:
+        previous = Entry(start, 0)
+    tool.out(_json(previous) + "]\n")
     return 0
 
 

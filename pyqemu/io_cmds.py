@@ -275,20 +275,27 @@ def _read_checked(session: IoSession, offset: int, count: int, pattern: int | No
     mismatch = False
     kept = bytearray()
     check_end = check_start + check_count
+    # one reused buffer when the engine can read into it (BlockNode.read_into)
+    read_into = getattr(node, "read_into", None)
+    buffer = memoryview(bytearray(min(count, CHUNK))) if read_into is not None else None
+    expected = bytes([pattern]) * min(count, CHUNK) if pattern is not None else b""
     try:
         if count == 0:
             node.read(offset, 0)
         for piece_offset, piece_length in chunks(offset, count):
-            data = node.read(piece_offset, piece_length)
+            if buffer is not None:
+                data: bytes | memoryview = buffer[:piece_length]
+                read_into(piece_offset, data)
+            else:
+                data = node.read(piece_offset, piece_length)
             if keep:
                 kept += data
             if pattern is not None and not mismatch:
                 start = max(check_start, piece_offset - offset)
                 end = min(check_end, piece_offset - offset + piece_length)
                 if start < end:
-                    window = memoryview(data)[start - (piece_offset - offset):
-                                              end - (piece_offset - offset)]
-                    if window != bytes([pattern]) * (end - start):
+                    window = data[start - (piece_offset - offset):end - (piece_offset - offset)]
+                    if bytes(window) != expected[:end - start]:
                         mismatch = True
     except (imgengine.ImageError, OSError) as error:
         code = session.failed(error)
