@@ -243,6 +243,16 @@ def _corrupt_a_refcount(path):
     path.write_bytes(bytes(data))
 
 
+def _dirty_after_crash(path):
+    """A lazy-refcounts image whose writer was killed: dirty bit set, refcounts stale."""
+    import subprocess
+
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on",
+                    str(path), "1M"], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 0x5a 0 512", "-c", "sigraise 9", str(path)],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 CHECK_CASES = [
     (["base.qcow2"], None),
     (["top.qcow2"], None),
@@ -262,12 +272,32 @@ CHECK_CASES = [
     (["--output=json", "leaky.qcow2"], _corrupt_a_refcount),
     (["-r", "leaks", "leaky.qcow2"], _corrupt_a_refcount),
     (["-r", "all", "leaky.qcow2"], _corrupt_a_refcount),
+    (["leaky.qcow2"], _dirty_after_crash),
+    (["--output=json", "leaky.qcow2"], _dirty_after_crash),
+    (["-r", "all", "leaky.qcow2"], _dirty_after_crash),
+    (["-r", "leaks", "leaky.qcow2"], _dirty_after_crash),
 ]
+# qemu-img check opens with BDRV_O_CHECK, which keeps QEMU from repairing a
+# dirty image while opening it; open_image offers no such mode yet
+CHECK_GAPS = {
+    "-r all leaky.qcow2 (_dirty_after_crash)":
+        "open_image has no check mode: opening read-write repairs a dirty image first",
+    "-r leaks leaky.qcow2 (_dirty_after_crash)":
+        "open_image has no check mode: opening read-write repairs a dirty image first",
+}
 
 
-@pytest.mark.parametrize("args, damage", CHECK_CASES,
-                         ids=[_id(args) + (f" ({damage.__name__})" if damage else "")
-                              for args, damage in CHECK_CASES])
+def _check_params():
+    params = []
+    for args, damage in CHECK_CASES:
+        name = _id(args) + (f" ({damage.__name__})" if damage else "")
+        reason = CHECK_GAPS.get(name)
+        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+        params.append(pytest.param(args, damage, marks=marks, id=name))
+    return params
+
+
+@pytest.mark.parametrize("args, damage", _check_params())
 def test_check(twins, engine, args, damage):
     twins.setup(BASE, TOP, RAW, DATA_IN_BASE, DATA_IN_TOP,
                 ("img", "create", "-f", "qcow2", "leaky.qcow2", "1M"),
