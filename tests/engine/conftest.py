@@ -56,6 +56,7 @@ class Qemu:
         return self.run(self.io_program, "-f", fmt, *extra, "-c", command, path)
 
     def map(self, path: str, *, fmt: str | None = None) -> list[MapEntry]:
+        settle(path)
         args = [self.img, "map", "--output=json"]
         if fmt:
             args += ["-f", fmt]
@@ -64,6 +65,16 @@ class Qemu:
                          present=e["present"], zero=e["zero"], data=e["data"],
                          offset=e.get("offset"), filename=None)
                 for e in json.loads(out)]
+
+    @staticmethod
+    def engine_map(path: str, *, fmt: str | None = None) -> list[MapEntry]:
+        """The engine's map of an image, in the form ``map`` returns QEMU's."""
+        from imgengine import open_image
+
+        settle(path)
+        with open_image(path, fmt=fmt) as node:
+            return [MapEntry(e.start, e.length, e.depth, e.present, e.zero, e.data, e.offset)
+                    for e in node.map()]
 
     def check(self, path: str) -> dict:
         result = self.run(self.img, "check", "--output=json", path, check=False)
@@ -79,6 +90,25 @@ class Qemu:
         self.run(self.img, "convert", "-f", fmt, "-O", "raw", path, out)
         with open(out, "rb") as f:
             return f.read()
+
+
+def settle(*paths: str) -> None:
+    """Write back and drop a file's cached pages.
+
+    Where QEMU suspects metadata preallocation, ``qemu-img map`` asks the
+    file system for holes, and ext4 answers differently for unwritten
+    extents while pages of them are cached.  Settling both sides' files
+    first makes the comparison about the images, not about the page cache.
+    """
+    import os
+
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 @pytest.fixture(scope="session")

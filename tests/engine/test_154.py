@@ -16,7 +16,7 @@ import re
 
 import pytest
 
-from imgengine import MapEntry, create_image, open_image
+from imgengine import create_image, open_image
 from imgengine.sizes import parse_size
 
 SIZE = 128 * 1024 * 1024
@@ -187,11 +187,6 @@ def qemu_io_summary(qemu, path: str, command: str) -> str:
     return "ok"
 
 
-def engine_map(path: str) -> list[MapEntry]:
-    with open_image(path) as node:
-        return [MapEntry(e.start, e.length, e.depth, e.present, e.zero, e.data, e.offset)
-                for e in node.map()]
-
 
 def run_section(qemu, tmp_path, steps: list[tuple]) -> int:
     dirs = {"qemu": tmp_path / "qemu", "engine": tmp_path / "engine"}
@@ -218,7 +213,7 @@ def run_section(qemu, tmp_path, steps: list[tuple]) -> int:
             command = step[2]
             assert engine_io(epath, command) == qemu_io_summary(qemu, qpath, command), command
         elif action == "map":
-            assert engine_map(epath) == qemu.map(qpath), f"map #{maps}"
+            assert qemu.engine_map(epath) == qemu.map(qpath), f"map #{maps}"
             maps += 1
         for which in ("t.qcow2", "t.qcow2.base"):
             a, b = dirs["qemu"] / which, dirs["engine"] / which

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imgengine import MapEntry, create_image, open_image
+from imgengine import create_image, open_image
 
 KIB = 1024
 CLUSTER_SIZES = [512, 1024, 4096, 65536]
@@ -115,17 +115,13 @@ def build_chain(qemu, directory, layers: list[Layer], engine: bool) -> None:
             qemu.create(path, layer.fmt, layer.size, layer.options)
 
 
-def engine_map(path: str) -> list[MapEntry]:
-    with open_image(path) as node:
-        return [MapEntry(e.start, e.length, e.depth, e.present, e.zero, e.data, e.offset)
-                for e in node.map()]
-
 
 def compare_all(qemu, qdir, edir, layers: list[Layer], context: str) -> None:
     for layer in layers:
         qpath, epath = str(qdir / layer.name), str(edir / layer.name)
         fmt = layer.fmt
-        assert engine_map(epath) == qemu.map(qpath, fmt=fmt), f"map of {layer.name} {context}"
+        assert qemu.engine_map(epath, fmt=fmt) == qemu.map(qpath, fmt=fmt), \
+            f"map of {layer.name} {context}"
         with open(qpath, "rb") as a, open(epath, "rb") as b:
             assert a.read() == b.read(), f"file {layer.name} differs {context}"
         result = qemu.compare(qpath, epath, fmt_a=fmt, fmt_b=fmt)
