@@ -98,6 +98,9 @@ class Driver:
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         raise NotSupported()
 
+    def pwritev_compressed(self, offset: int, data: memoryview) -> None:
+        raise _io_error(errno.ENOTSUP)
+
     def pdiscard(self, offset: int, length: int) -> None:
         raise NotSupported()
 
@@ -267,6 +270,19 @@ class BlockNode:
         self.driver.pwritev(offset, view)
         if fua:
             self.driver.flush()
+
+    def write_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write whole clusters compressed (qemu-io ``write -c``, convert -c).
+
+        The range must start on a cluster boundary and cover whole clusters
+        (the last one may end at the end of the image); clusters already
+        allocated cannot be written compressed (EIO), as in QEMU.  A
+        zero-length request pads the file to a sector boundary.
+        """
+        view = memoryview(data).cast("B")
+        self._check_request(offset, len(view))
+        self._check_writable()
+        self.driver.pwritev_compressed(offset, view)
 
     def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
                      fua: bool = False, no_fallback: bool = False) -> None:

@@ -12,6 +12,7 @@ entry, L2 tables before the L1 entry pointing at them.
 from __future__ import annotations
 
 import errno
+import os
 import struct
 import zlib
 from collections.abc import Mapping
@@ -677,6 +678,52 @@ class Qcow2Driver(ClusterMapping, Driver):
             offset += handled
             position += handled
             remaining -= handled
+
+    def pwritev_compressed(self, offset: int, data: memoryview) -> None:
+        """qcow2_co_pwritev_compressed_part, one cluster after the other."""
+        self._check_usable()
+        cs = self.cluster_size
+        length = len(data)
+        if length == 0:
+            # Pad the file to a whole sector, as QEMU does at the end of convert -c.
+            self.file.truncate(self.file.length())
+            return
+        if offset & (cs - 1):
+            raise RequestError(os.strerror(errno.EINVAL), errno=errno.EINVAL)
+        if length & (cs - 1) and offset + length != self.total_sectors * SECTOR_SIZE:
+            raise RequestError(os.strerror(errno.EINVAL), errno=errno.EINVAL)
+        position = 0
+        while position < length:
+            chunk = data[position:position + cs]
+            self._write_compressed_cluster(offset + position, chunk)
+            position += len(chunk)
+
+    def _write_compressed_cluster(self, offset: int, chunk: memoryview) -> None:
+        cs = self.cluster_size
+        buf = bytes(chunk) if len(chunk) == cs else bytes(chunk) + bytes(cs - len(chunk))
+        compressor = zlib.compressobj(-1, zlib.DEFLATED, -12, 9, zlib.Z_DEFAULT_STRATEGY)
+        compressed = compressor.compress(buf) + compressor.flush()
+        if len(compressed) > cs - 1:
+            # Does not compress: written as a normal cluster.
+            self.pwritev(offset, chunk)
+            return
+        host = self._alloc_compressed_cluster(offset, len(compressed))
+        self.check_metadata_write(host, len(compressed), ignore=None)
+        self.file.pwrite(host, compressed)
+
+    def _alloc_compressed_cluster(self, offset: int, size: int) -> int:
+        """Place compressed data for the guest cluster at ``offset`` (never over data)."""
+        table, index, key = self.get_cluster_table(offset)
+        if table[index] & fmt.L2E_OFFSET_MASK:
+            raise RequestError(os.strerror(errno.EIO), errno=errno.EIO)
+        coffset = self.refcounts.alloc_bytes(size)
+        nb_csectors = (coffset + size - 1) // fmt.COMPRESSED_SECTOR_SIZE \
+            - coffset // fmt.COMPRESSED_SECTOR_SIZE
+        # The L2 slice may have been evicted while refcount blocks were placed.
+        table, index, key = self.get_cluster_table(offset)
+        self.l2_cache.mark_dirty(key)
+        table[index] = coffset | fmt.OFLAG_COMPRESSED | (nb_csectors << self.csize_shift)
+        return coffset
 
     def _merge_cow(self, offset: int, nbytes: int, chunk: memoryview,
                    metas: list[L2Meta]) -> bool:

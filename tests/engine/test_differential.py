@@ -14,6 +14,7 @@ More examples: ``IMGENGINE_HYPOTHESIS=thorough`` (see conftest.py).
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imgengine import create_image, open_image
+from imgengine import ImageError, create_image, open_image
 
 KIB = 1024
 CLUSTER_SIZES = [512, 1024, 4096, 65536]
@@ -50,6 +51,8 @@ class Operation:
             return f"write -z {self.offset} {self.length}"
         if self.kind == "zero-unmap":
             return f"write -z -u {self.offset} {self.length}"
+        if self.kind == "compress":
+            return f"write -c -P {self.pattern:#x} {self.offset} {self.length}"
         return f"discard {self.offset} {self.length}"
 
 
@@ -88,8 +91,17 @@ def operations(draw, layers: list[Layer]) -> list[Operation]:
         unit = 1 if granular else 512
         offset = draw(st.integers(0, size // unit - 1)) * unit
         length = draw(st.integers(1, min(size - offset, 192 * KIB) // unit)) * unit
-        kind = draw(st.sampled_from(["write", "write", "zero", "zero-unmap", "discard"]))
+        kind = draw(st.sampled_from(["write", "write", "zero", "zero-unmap", "discard",
+                                     "compress"]))
         pattern = draw(st.integers(1, 255))
+        if kind == "compress":
+            if layers[layer].fmt != "qcow2":
+                kind = "write"
+            else:
+                # One whole cluster (QEMU places a single cluster deterministically).
+                cs = int(layers[layer].options["cluster_size"])
+                offset = offset // cs * cs
+                length = min(cs, size - offset)
         ops.append(Operation(layer, kind, offset, length, pattern))
     return ops
 
@@ -102,6 +114,12 @@ def engine_apply(path: str, op: Operation) -> None:
             node.write_zeroes(op.offset, op.length)
         elif op.kind == "zero-unmap":
             node.write_zeroes(op.offset, op.length, may_unmap=True)
+        elif op.kind == "compress":
+            try:
+                node.write_compressed(op.offset, bytes([op.pattern]) * op.length)
+            except ImageError as error:
+                # An allocated cluster cannot be written compressed (EIO).
+                assert error.errno == errno.EIO
         else:
             node.discard(op.offset, op.length)
 
@@ -126,6 +144,10 @@ def compare_all(qemu, qdir, edir, layers: list[Layer], context: str) -> None:
             assert a.read() == b.read(), f"file {layer.name} differs {context}"
         result = qemu.compare(qpath, epath, fmt_a=fmt, fmt_b=fmt)
         assert result.returncode == 0, f"contents of {layer.name} {context}: {result.stdout}"
+        # And the other way round: the engine reads QEMU's image as its own.
+        with open_image(qpath, fmt=fmt, read_only=True) as theirs, \
+                open_image(epath, fmt=fmt, read_only=True) as ours:
+            assert theirs.read(0, theirs.length()) == ours.read(0, ours.length())
         if fmt == "qcow2":
             report = qemu.check(epath)
             assert report.get("check-errors", 0) == 0
@@ -151,7 +173,12 @@ def run_sequence(qemu, base_dir, layers: list[Layer], ops: list[Operation]) -> N
         build_chain(qemu, edir, layers, engine=True)
         for step, op in enumerate(ops):
             layer = layers[op.layer]
-            qemu.io(str(qdir / layer.name), op.qemu_io(), fmt=layer.fmt)
+            if op.kind == "compress":
+                # May fail (EIO) on an allocated cluster, like the engine.
+                qemu.run(qemu.io_program, "-f", layer.fmt, "-c", op.qemu_io(),
+                         str(qdir / layer.name), check=False)
+            else:
+                qemu.io(str(qdir / layer.name), op.qemu_io(), fmt=layer.fmt)
             engine_apply(str(edir / layer.name), op)
             if step == len(ops) // 2:
                 compare_all(qemu, qdir, edir, layers, f"after {op.qemu_io()}")
