@@ -31,6 +31,7 @@ from .format import (
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
     OFLAG_ZERO,
+    encode_table,
     hexc,
 )
 from .refcount import DISCARD_ALWAYS, DISCARD_NEVER, DISCARD_OTHER, DISCARD_REQUEST
@@ -272,13 +273,14 @@ class ClusterMapping:
         if new_size > MAX_L1_SIZE // L1E_SIZE:
             raise ImageError("File too large", errno=errno.EFBIG)
         new_bytes = new_size * L1E_SIZE
-        new_table = self.l1_table + [0] * (new_size - self.l1_size)
+        new_table = array("Q", self.l1_table)
+        new_table.extend(array("Q", bytes(8 * (new_size - self.l1_size))))
         refcounts = self.refcounts
         new_offset = refcounts.alloc_clusters(new_bytes)
         try:
             refcounts.cache.flush()
             self.check_metadata_write(new_offset, new_bytes, ignore=None)
-            self.file.pwrite(new_offset, struct.pack(f">{new_size}Q", *new_table))
+            self.file.pwrite(new_offset, encode_table(new_table))
             self.file.pwrite(OFFSET_L1_SIZE, struct.pack(">IQ", new_size, new_offset))
         except BaseException:
             refcounts.free_clusters(new_offset, new_bytes, DISCARD_OTHER)

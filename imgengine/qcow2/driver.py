@@ -15,6 +15,8 @@ import errno
 import os
 import struct
 import zlib
+from array import array
+from bisect import bisect_left
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -122,7 +124,7 @@ class Qcow2Driver(ClusterMapping, Driver):
         self.autoclear_features = header.autoclear_features
         self.l1_size = header.l1_size
         self.l1_table_offset = header.l1_table_offset
-        self.l1_table: list[int] = []
+        self.l1_table: array = array("Q")
         self.l1_vm_state_index = 0
         self.snapshots: list[Snapshot] = []
         self.snapshots_offset = header.snapshots_offset
@@ -139,7 +141,7 @@ class Qcow2Driver(ClusterMapping, Driver):
         self.open_messages: list[str] = []
         self.messages: list[str] = []
         self._overlap_version = 0
-        self._overlap_cache: tuple[int, dict[int, str]] | None = None
+        self._overlap_cache: tuple[int, array] | None = None
         self.l2_slice_size = self.l2_size
         self.l2_cache: TableCache
         self.refcounts: Refcounts
@@ -217,7 +219,7 @@ class Qcow2Driver(ClusterMapping, Driver):
             s._check_table_in_file(header.l1_table_offset, header.l1_size * L1E_SIZE,
                                    "Active L1 table", file_size)
             raw = read(header.l1_table_offset, header.l1_size * L1E_SIZE)
-            s.l1_table = list(struct.unpack(f">{header.l1_size}Q", raw))
+            s.l1_table = fmt.decode_table(raw)
 
         s._apply_options(options)
 
@@ -402,7 +404,7 @@ class Qcow2Driver(ClusterMapping, Driver):
         self.l1_size = header.l1_size
         self.l1_table_offset = header.l1_table_offset
         raw = self.file.pread(header.l1_table_offset, header.l1_size * L1E_SIZE)
-        self.l1_table = list(struct.unpack(f">{header.l1_size}Q", raw))
+        self.l1_table = fmt.decode_table(raw)
         self.l2_cache.clear()
         refcounts = Refcounts(self, header.refcount_table_offset,
                               header.refcount_table_clusters)
@@ -503,22 +505,27 @@ class Qcow2Driver(ClusterMapping, Driver):
     def metadata_changed(self) -> None:
         self._overlap_version += 1
 
-    def _metadata_clusters(self) -> dict[int, str]:
-        """Cluster index -> kind, for every metadata cluster the overlap check knows."""
+    def _metadata_index(self) -> array:
+        """Every metadata cluster the overlap check knows, sorted.
+
+        Each item is ``cluster index * 16 + rank`` (rank: position of its kind
+        in METADATA_OVERLAP_ORDER), 8 bytes per metadata cluster.  Rebuilt
+        only after the L1 or refcount table changed.
+        """
         cached = self._overlap_cache
         if cached is not None and cached[0] == self._overlap_version:
             return cached[1]
         cb = self.cluster_bits
         cs = self.cluster_size
-        kinds: dict[int, str] = {}
+        keys: list[int] = []
+        rank = {kind: position for position, kind in enumerate(METADATA_OVERLAP_ORDER)}
 
         def add_range(offset: int, size: int, kind: str) -> None:
             if size <= 0:
                 return
-            first = offset >> cb
-            last = (offset + size - 1) >> cb
-            for index in range(first, last + 1):
-                kinds.setdefault(index, kind)
+            code = rank[kind]
+            keys.extend((index << 4) | code
+                        for index in range(offset >> cb, ((offset + size - 1) >> cb) + 1))
 
         add_range(0, cs, "qcow2_header")
         if self.l1_size:
@@ -533,47 +540,41 @@ class Qcow2Driver(ClusterMapping, Driver):
             if snapshot.l1_size:
                 add_range(snapshot.l1_table_offset, snapshot.l1_size * L1E_SIZE,
                           "inactive L1 table")
-        for entry in self.l1_table:
-            l2 = entry & L1E_OFFSET_MASK
-            if l2:
-                add_range(l2, cs, "active L2 table")
+        l2_rank = rank["active L2 table"]
+        keys.extend(((entry & L1E_OFFSET_MASK) >> cb << 4) | l2_rank
+                    for entry in self.l1_table if entry & L1E_OFFSET_MASK)
+        block_rank = rank["refcount block"]
         table = refcounts.table
-        for index in range(min(refcounts.max_table_index + 1, len(table))):
-            block = table[index] & REFT_OFFSET_MASK
-            if block:
-                add_range(block, cs, "refcount block")
+        last = min(refcounts.max_table_index + 1, len(table))
+        keys.extend(((table[index] & REFT_OFFSET_MASK) >> cb << 4) | block_rank
+                    for index in range(last) if table[index] & REFT_OFFSET_MASK)
         bitmaps = self.header.bitmaps
         if bitmaps is not None and self.autoclear_features & fmt.AUTOCLEAR_BITMAPS:
             add_range(bitmaps.directory_offset, bitmaps.directory_size, "bitmap directory")
-        self._overlap_cache = (self._overlap_version, kinds)
-        return kinds
+        index = array("Q", sorted(keys))
+        self._overlap_cache = (self._overlap_version, index)
+        return index
 
     def check_metadata_write(self, offset: int, size: int, *, ignore: str | None) -> None:
         """Refuse a write that would land on metadata (pre-write overlap check)."""
         if size <= 0:
             return
-        cs = self.cluster_size
         hit: str | None = None
-        if offset < cs and ignore != "qcow2_header":
+        if offset < self.cluster_size and ignore != "qcow2_header":
             hit = "qcow2_header"
         else:
-            kinds = self._metadata_clusters()
-            first = offset >> self.cluster_bits
-            last = (offset + size - 1) >> self.cluster_bits
-            found = set()
-            if last - first < len(kinds):
-                for index in range(first, last + 1):
-                    kind = kinds.get(index)
-                    if kind is not None and kind != ignore:
-                        found.add(kind)
-            else:
-                for index, kind in kinds.items():
-                    if first <= index <= last and kind != ignore:
-                        found.add(kind)
-            for kind in METADATA_OVERLAP_ORDER:
-                if kind in found:
-                    hit = kind
-                    break
+            index = self._metadata_index()
+            first = (offset >> self.cluster_bits) << 4
+            last = (((offset + size - 1) >> self.cluster_bits) + 1) << 4
+            position = bisect_left(index, first)
+            best = len(METADATA_OVERLAP_ORDER)
+            while position < len(index) and index[position] < last:
+                kind = METADATA_OVERLAP_ORDER[index[position] & 15]
+                if kind != ignore:
+                    best = min(best, index[position] & 15)
+                position += 1
+            if best < len(METADATA_OVERLAP_ORDER):
+                hit = METADATA_OVERLAP_ORDER[best]
         if hit is not None:
             self.signal_corruption(f"Preventing invalid write on metadata (overlaps with "
                                    f"{hit})")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import errno
 import struct
+import sys
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -117,6 +119,22 @@ _V3_FIELDS = struct.Struct(">QQQII")
 _EXT_HEADER = struct.Struct(">II")
 _BITMAPS_EXT = struct.Struct(">IIQQ")
 _CRYPTO_EXT = struct.Struct(">QQ")
+
+
+def decode_table(raw: bytes) -> array:
+    """A table of big-endian 64-bit entries (L1, refcount table), as an array."""
+    table = array("Q", raw)
+    if sys.byteorder == "little":
+        table.byteswap()
+    return table
+
+
+def encode_table(table: array) -> bytes:
+    """The on-disk bytes of a table of 64-bit entries."""
+    if sys.byteorder == "little":
+        table = array("Q", table)
+        table.byteswap()
+    return table.tobytes()
 
 
 def hexc(value: int) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from array import array
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError, ImageError
@@ -25,6 +26,8 @@ from .format import (
     OFLAG_COMPRESSED,
     REFT_OFFSET_MASK,
     REFTABLE_ENTRY_SIZE,
+    decode_table,
+    encode_table,
     hexc,
 )
 
@@ -87,7 +90,7 @@ class Refcounts:
         self.block_entries = 1 << self.block_bits
         self.table_offset = table_offset
         self.table_size = table_clusters << (s.cluster_bits - 3)
-        self.table: list[int] = []
+        self.table: array = array("Q")
         self.max_table_index = 0
         self.free_cluster_index = 0
         self.free_byte_offset = 0
@@ -103,9 +106,9 @@ class Refcounts:
         size = self.table_size * REFTABLE_ENTRY_SIZE
         if self.table_size:
             raw = self.file.pread(self.table_offset, size)
-            self.table = list(struct.unpack(f">{self.table_size}Q", raw))
+            self.table = decode_table(raw)
         else:
-            self.table = []
+            self.table = array("Q")
         self._update_max_table_index()
 
     def _update_max_table_index(self) -> None:
@@ -118,7 +121,7 @@ class Refcounts:
     def _before_block_write(self, offset: int, size: int) -> None:
         self.s.check_metadata_write(offset, size, ignore="refcount block")
 
-    def _block(self, block_offset: int, table_index: int) -> list[int]:
+    def _block(self, block_offset: int, table_index: int) -> array:
         """A refcount block, validated before it is first read."""
         cache = self.cache
         block = cache.tables.get(block_offset)
@@ -181,7 +184,7 @@ class Refcounts:
         table_size = self.table_size
         index = self.free_cluster_index
         current_table_index = -1
-        block: list[int] | None = None
+        block: array | None = None
         while found < nb_clusters:
             table_index = index >> block_bits
             if table_index != current_table_index:
@@ -285,7 +288,7 @@ class Refcounts:
         start = offset & ~(cs - 1)
         last = (offset + length - 1) & ~(cs - 1)
         cluster_offset = start
-        block: list[int] | None = None
+        block: array | None = None
         block_offset = 0
         old_table_index = -1
         error: BaseException | None = None
@@ -404,7 +407,7 @@ class Refcounts:
 
     # -- refcount blocks and table growth ----------------------------------------------
 
-    def _alloc_block(self, cluster_index: int) -> tuple[list[int], int]:
+    def _alloc_block(self, cluster_index: int) -> tuple[array, int]:
         """The refcount block covering ``cluster_index``, allocating it if needed.
 
         Returns (block, its offset) or raises RetryAllocation after placing
@@ -476,7 +479,7 @@ class Refcounts:
         if table_size > MAX_REFTABLE_SIZE:
             raise ImageError("File too large", errno=errno.EFBIG)
 
-        new_table = [0] * table_size
+        new_table = array("Q", bytes(8 * table_size))
         if table_size > self.max_table_index:
             keep = self.max_table_index + 1
         else:
@@ -508,7 +511,7 @@ class Refcounts:
                 self.cache.mark_dirty(this_offset)
         self.cache.flush()
 
-        raw_table = struct.pack(f">{table_size}Q", *new_table)
+        raw_table = encode_table(new_table)
         self.file.pwrite(table_offset, raw_table)
         self.file.pwrite(OFFSET_REFCOUNT_TABLE, struct.pack(">QI", table_offset, table_clusters))
 
