@@ -2283,6 +2283,13 @@ def check_image(driver: Qcow2Driver, fix: frozenset[str] = frozenset(), *,
         _hand_back(driver, checker)
 
 
+def _same_kind(template: object, values: list[int]) -> list[int] | array:
+    """``values`` as the same kind of sequence as ``template`` (a list or an array)."""
+    if isinstance(template, array):
+        return array(template.typecode, values)
+    return list(values)
+
+
 def _hand_back(driver: Qcow2Driver, checker: Qcow2Checker) -> None:
     """Bring the driver's in-memory metadata up to what the check left on disk."""
     from .driver import Snapshot
@@ -2291,12 +2298,11 @@ def _hand_back(driver: Qcow2Driver, checker: Qcow2Checker) -> None:
     driver.incompatible_features = header.incompatible_features
     driver.compatible_features = header.compatible_features
     driver.autoclear_features = header.autoclear_features
-    if len(driver.l1_table) == len(checker.l1_table):
-        driver.l1_table[:] = checker.l1_table
+    driver.l1_table = _same_kind(driver.l1_table, checker.l1_table)
     refcounts = driver.refcounts
     refcounts.table_offset = checker.reftable_offset
     refcounts.table_size = checker.reftable_size
-    refcounts.table = list(checker.reftable)
+    refcounts.table = _same_kind(refcounts.table, checker.reftable)
     refcounts.max_table_index = checker.max_reftable_index
     refcounts.free_cluster_index = checker.free_cluster_index
     refcounts.cache.clear()
