@@ -10,6 +10,7 @@ and a read-only check must not change a byte.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import random
@@ -328,8 +329,7 @@ def damage_snapshot_too_much_extra(s):
 
 
 def damage_snapshot_table_offset(s):
-    s.write(fmt.OFFSET_SNAPSHOTS if hasattr(fmt, "OFFSET_SNAPSHOTS") else 64,
-            struct.pack(">Q", 12345))
+    s.write(64, struct.pack(">Q", 12345))  # header.snapshots_offset, unaligned
 
 
 def damage_many_snapshots(s):
@@ -437,7 +437,7 @@ def _count_calls(monkeypatch, name: str, only_eagain: bool = False) -> list[int]
         try:
             return original(self, *args, **kwargs)
         except check_module._Errno as error:
-            if error.code == 11:  # EAGAIN: a refcount block was placed
+            if error.code == errno.EAGAIN:  # a refcount block was placed
                 calls[0] += 1
             raise
 
@@ -654,7 +654,7 @@ def test_failed_check_carries_its_messages(qemu_img, qemu_io, tmp_path):
     damage_missing_refblock(tools.Qcow2Surgery(image))
     with pytest.raises(CheckFailedError) as caught:
         check_qcow2(str(image), frozenset({"leaks"}))
-    assert caught.value.errno == 5
+    assert caught.value.errno == errno.EIO
     assert caught.value.messages[-1] == "ERROR need to rebuild refcount structures"
 
 
