@@ -37,6 +37,8 @@ MAX_COROUTINES = 16
 CACHE_MODES = ("none", "off", "directsync", "writeback", "unsafe", "writethrough")
 
 BLK_DATA, BLK_ZERO, BLK_BACKING_FILE = "data", "zero", "backing"
+# formats whose driver writes compressed clusters (QEMU's block_driver_can_compress)
+COMPRESSING_FORMATS = ("qcow2",)
 
 LONG_OPTIONS = (
     HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE,
@@ -119,6 +121,8 @@ class _Converter:
         self.salvage = False
         self.quiet = False
         self.copy_range = False
+        self.compressed = False
+        self.cluster_sectors = 0
         self.status = BLK_DATA
         self.sector_next_status = 0
 
@@ -186,6 +190,14 @@ class _Converter:
         count = min(count, self.sector_next_status - sector)
         if self.status == BLK_DATA:
             count = min(count, self.buf_sectors)
+        if self.compressed:
+            # compressed clusters are written whole: a shorter unallocated
+            # stretch is copied as data with the rest of its cluster
+            if count < self.cluster_sectors:
+                count = min(self.cluster_sectors, self.total_sectors - sector)
+                self.status = BLK_DATA
+            else:
+                count -= count % self.cluster_sectors
         return count
 
     def read(self, sector: int, count: int) -> bytearray:
@@ -231,10 +243,14 @@ class _Converter:
                 view = memoryview(data)[position * SECTOR:]
                 if not self.min_sparse or self.copy_range:
                     write_it = True
+                elif self.compressed:
+                    write_it = any(view[:step * SECTOR])
                 else:
                     write_it, step = is_allocated_sectors_min(view, step, self.min_sparse,
                                                               sector, self.alignment)
-                if write_it:
+                if write_it and self.compressed:
+                    self.target.write_compressed(sector * SECTOR, bytes(view[:step * SECTOR]))
+                elif write_it:
                     self.target.write(sector * SECTOR, bytes(view[:step * SECTOR]))
                 elif not self.has_zero_init:
                     self.target.write_zeroes(sector * SECTOR, step * SECTOR, may_unmap=True)
@@ -285,6 +301,9 @@ class _Converter:
                                 f"{os.strerror(code)}")
                 raise _Failed from None
             sector += count
+        if self.compressed:
+            # the empty compressed write that pads the file to a sector
+            self.target.write_compressed(0, b"")
 
 
 class _ReadError(Exception):
@@ -493,8 +512,17 @@ def _convert(tool: ImgTool, converter: _Converter, sources: list[str], out_filen
         tool.error("Use of backing file requires explicit backing format")
         return 1
     if compressed:
-        tool.error("Compression not supported for this file format")
-        return 1
+        if out_fmt is not None and not skip_create and out_fmt not in COMPRESSING_FORMATS:
+            tool.error("Compression not supported for this file format")
+            return 1
+        if opts is not None and (opts.get("encryption") in ("on", "yes", "true", "y")
+                                 or opts.get("encrypt.format") is not None):
+            tool.error("Compression and encryption not supported at the same time")
+            return 1
+        preallocation = opts.get("preallocation") if opts is not None else None
+        if preallocation is not None and preallocation != "off":
+            tool.error("Compression and preallocation not supported at the same time")
+            return 1
     if bitmaps:
         if len(sources) > 1:
             tool.error("Copying bitmaps only possible with single source")
@@ -527,6 +555,10 @@ def _convert(tool: ImgTool, converter: _Converter, sources: list[str], out_filen
     if bitmaps and target.format_name != "qcow2":
         tool.error(f"Format driver '{target.format_name}' does not support bitmaps")
         return 1
+    if compressed and (target.format_name not in COMPRESSING_FORMATS
+                       or not hasattr(target, "write_compressed")):
+        tool.error("Compression not supported for this file format")
+        return 1
     converter.alignment = max(_pow2floor(converter.min_sparse), 1)
     if skip_create:
         output_sectors = -(-target.length() // SECTOR)
@@ -540,9 +572,25 @@ def _convert(tool: ImgTool, converter: _Converter, sources: list[str], out_filen
         # bdrv_has_zero_init: a new image on a regular file reads as zeroes
         # (a preallocated qcow2 image defers to its file, which is zeroed too)
         converter.has_zero_init = True
+    converter.compressed = compressed
+    if compressed:
+        try:
+            cluster = target.info().cluster_size or 0
+        except (imgengine.ImageError, OSError):
+            tool.error("could not get block driver info")
+            return 1
+        converter.cluster_sectors = cluster // SECTOR
+        if converter.cluster_sectors <= 0 or converter.cluster_sectors > converter.buf_sectors:
+            tool.error("invalid cluster size")
+            return 1
+        converter.buf_sectors = converter.cluster_sectors
     try:
         converter.run(progress)
     except _Failed:
+        return 1
+    except (imgengine.ImageError, OSError) as error:
+        # only the closing empty compressed write gets here; QEMU says nothing
+        tool.notice(error)
         return 1
     return 0
 

@@ -384,6 +384,13 @@ CONVERT_CASES = [
     ["-q", "-p", "-O", "qcow2", "top.qcow2", "out.qcow2"],
     ["-O", "qcow2", "-C", "top.qcow2", "out.qcow2"],
     ["-O", "qcow2", "-C", "-S", "4k", "top.qcow2", "out.qcow2"],
+    ["-c", "-O", "qcow2", "top.qcow2", "out.qcow2"],
+    ["-c", "-O", "qcow2", "-o", "cluster_size=4k", "top.qcow2", "out.qcow2"],
+    ["-c", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "top.qcow2", "out.qcow2"],
+    ["-c", "-O", "raw", "top.qcow2", "out.raw"],
+    ["-c", "-O", "qcow2", "-o", "preallocation=metadata", "top.qcow2", "out.qcow2"],
+    ["-c", "-C", "-O", "qcow2", "top.qcow2", "out.qcow2"],
+    ["-c", "-n", "-O", "qcow2", "top.qcow2", "big.qcow2"],
 ]
 
 

@@ -28,7 +28,6 @@ def _id(commands) -> str:
 ENGINE_GAPS = {
     "read -b 0 512": "the engine keeps no VM state (qemu-io read -b/write -b)",
     "write -b 0 512": "the engine keeps no VM state (qemu-io read -b/write -b)",
-    "write -c 0 64k": "the engine offers no compressed writes",
     "close ; open -o driver=qcow2 ; length":
         "engine words a missing file name differently from QEMU",
     "truncate 2M ; length": "BlockNode has no truncate",
@@ -128,6 +127,10 @@ COMMAND_CASES = [
     ["write -f -b 0 512"],
     ["write -c 0 64k"],
     ["write -c 0 100"],
+    ["write -c 64k 64k", "read -P 0xcd 64k 64k", "map"],
+    ["write -c 0 64k", "write -c 0 64k"],
+    ["write -c 1000k 24k", "read -P 0xcd 1000k 24k"],
+    ["write -c 512 64k"],
     ["write -b 0 512"],
     ["write -p 0 512"],
     ["write -x 0 512"],
