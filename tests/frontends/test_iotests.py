@@ -6,11 +6,13 @@ pointing at the pyqemu scripts; everything that needs a QEMU system emulator,
 qemu-nbd or the storage daemon is replaced by /bin/true or /bin/false, as
 /work/shared/tools/qemu-iotests does.  154 is the test this project started
 from; iotests_passing.txt lists every other test known to pass (one per line,
-`#` comments allowed) so that each keeps passing.
+`#` comments allowed; a comment ending in "slow" keeps the test out of the
+default run) so that each keeps passing.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -22,13 +24,21 @@ HERE = Path(__file__).parent
 PASSING_LIST = HERE / "iotests_passing.txt"
 
 
-def passing_tests() -> list[str]:
-    names = []
+def passing_tests() -> list[object]:
+    """The listed tests; those marked slow are skipped unless PYQEMU_SLOW_IOTESTS=1."""
+    run_slow = os.environ.get("PYQEMU_SLOW_IOTESTS") == "1"
+    params: list[object] = []
     for line in PASSING_LIST.read_text().splitlines():
-        name = line.split("#", 1)[0].strip()
-        if name:
-            names.append(name)
-    return names
+        name, _, comment = line.partition("#")
+        name = name.strip()
+        if not name:
+            continue
+        marks = []
+        if comment.rstrip().endswith("slow") and not run_slow:
+            marks.append(pytest.mark.skip(
+                reason=f"slow iotest ({comment.strip()}); run with PYQEMU_SLOW_IOTESTS=1"))
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
 
 
 def run_iotest(iotests_dir: Path, scratch: Path, test: str, img: Path, io: Path,
