@@ -77,7 +77,9 @@ class ShrinkReport:
     original: FuzzCase
     result: ShrinkResult
     outcome: Outcome  # of the shrunk case
-    difference: Difference  # the one with the signature that was kept
+    # the difference with the signature that was kept; None when the case no
+    # longer disagrees at all (the disagreement came and went: not written)
+    difference: Difference | None
 
 
 @dataclass
@@ -164,12 +166,12 @@ def shrink_one(job: tuple[int, tuple[str, str]], settings: Settings | None = Non
                     max_seconds=settings.shrink_seconds)
     outcome = outcome_of(result.case)
     matching = [d for d in outcome.differences if d.signature == signature]
-    if not matching:  # a flaky disagreement: report the original case as it was
+    if not matching:  # the shrunk case passed this time: fall back to the original
         outcome = outcome_of(original)
         result = ShrinkResult(original, result.runs, 0, result.seconds, False)
-        matching = [d for d in outcome.differences if d.signature == signature] or \
-            outcome.differences
-    return ShrinkReport(index, original, result, outcome, matching[0])
+        matching = [d for d in outcome.differences if d.signature == signature]
+    return ShrinkReport(index, original, result, outcome,
+                        matching[0] if matching else None)
 
 
 def _map(function: Callable[..., object], items: Iterable[object], settings: Settings,
@@ -332,6 +334,11 @@ def _shrink_and_write(tally: Tally, settings: Settings, jobs: int, args: argpars
         print(f"fuzz: case {shrunk.index} shrunk from {shrunk.original.step_count()} steps to "
               f"{result.case.step_count()} in {result.runs} runs ({result.seconds:.0f}s"
               f"{'' if result.complete else ', budget spent'})", file=err)
+        if shrunk.difference is None:
+            out.write(f"\n=== case {shrunk.index}: the disagreement did not come back when "
+                      "the case ran again (not deterministic); nothing written ===\n")
+            written.append((shrunk, None))
+            continue
         final = reveal(result.case, shrunk.difference)
         finding = write_finding(final, shrunk.outcome, shrunk.difference, shrunk.original,
                                 result.runs, findings=findings, repo_root=ROOT,
@@ -343,6 +350,7 @@ def _shrink_and_write(tally: Tally, settings: Settings, jobs: int, args: argpars
 
 def _print_finding(shrunk: ShrinkReport, finding: Written | None, out: TextIO) -> None:
     difference = shrunk.difference
+    assert difference is not None
     out.write(f"\n=== case {shrunk.index}: {difference.kind} of {difference.step_kind} ===\n")
     if finding is None:
         out.write("(the same shrunk case is already in the findings folder)\n")
@@ -377,6 +385,10 @@ def _summary(tally: Tally, settings: Settings, args: argparse.Namespace,
                                                               else "")
         lines.append(f"    {len(reports):5}  {kind} of {step_kind}: {detail}  (cases {cases})")
     for shrunk, finding in written:
+        if shrunk.difference is None:
+            lines.append(f"  finding        case {shrunk.index}: did not disagree again "
+                         "(not deterministic); not written")
+            continue
         where = finding.case_file if finding else "already in the findings folder"
         status = "" if finding is None else (
             "fails on the tested backend" if finding.reproduces else

@@ -8,8 +8,8 @@ layers with a raw image at the bottom (a raw image cannot have a backing
 file, so it is only ever the base), overlays shorter or longer than their
 backing files, image sizes that end inside a cluster or a sector, requests
 that start or end inside clusters, sit on a layer's end or run past it, and
-every qemu-io form the engine supports for writing, zeroing (with and
-without unmap), discarding and reading, synchronous, vectored and aio,
+every qemu-io form the engine supports for writing (plain, FUA,
+compressed), zeroing (with and without unmap), discarding and reading, synchronous, vectored and aio,
 between qemu-io/qemu-img map, alloc, check and info steps; qemu-img map
 and qemu-io also open overlays alone (`"backing": null`), where what a layer
 leaves to its backing file is not `present`.
@@ -182,6 +182,7 @@ class _StepDrawer:
         grain = self.grain(image)
         kinds: list[tuple[Callable[[int, int], IoOp], int]] = [
             (self.write_data, 20), (self.write_zeroes, 16), (self.discard, 8),
+            (self.write_compressed, 4),
             (self.read_pattern, 9), (self.read_dump, 3), (self.aio_write, 6),
             (self.aio_read, 3), (self.writev, 4), (self.readv, 3), (self.alloc, 6),
             (self.simple("map"), 4), (self.simple("length"), 1), (self.simple("info"), 1),
@@ -247,6 +248,20 @@ class _StepDrawer:
             flags = ("-q",)
         return IoOp("write", offset, (self.length(size, grain, offset),), flags,
                     self.pattern())
+
+    def write_compressed(self, size: int, grain: int) -> IoOp:
+        """write -c of one cluster (the last one may stop at the image's end);
+        now and then from inside a cluster, which QEMU refuses. One cluster
+        only: QEMU compresses the clusters of a longer request in parallel
+        tasks (block/qcow2.c, qcow2_co_pwritev_compressed_part) and places
+        them in whatever order those finish, which no second run repeats."""
+        clusters = max(-(-size // grain), 1)
+        offset = self.rng.randrange(0, clusters) * grain
+        length = max(1, min(grain, size - offset))
+        if self.rng.random() < 0.1:
+            offset += self.rng.choice((1, SECTOR)) if grain > SECTOR else 1
+            length = max(1, min(length, size - offset))
+        return IoOp("write", offset, (length,), ("-c",), self.pattern())
 
     def write_zeroes(self, size: int, grain: int) -> IoOp:
         offset = self.offset(size, grain)
@@ -331,7 +346,7 @@ CORNERS = frozenset({
     "option:compat=0.10", "option:lazy_refcounts=on",
     "size:unaligned-sector", "size:unaligned-cluster", "overlay-longer", "overlay-shorter",
     "request:unaligned", "request:past-end",
-    "op:write -P", "op:write -f -P", "op:write -z", "op:write -z -u", "op:write -z -n",
+    "op:write -P", "op:write -f -P", "op:write -c -P", "op:write -z", "op:write -z -u", "op:write -z -n",
     "op:discard", "op:read -P", "op:read -v", "op:read -s -l -P",
     "op:aio_write -P", "op:aio_write -z", "op:aio_write -z -u", "op:aio_read -P",
     "op:aio_read -v", "op:writev -P", "op:readv -P", "op:readv -v", "op:alloc", "op:map",

@@ -214,7 +214,7 @@ def _plainer_forms(op: IoOp) -> Iterator[IoOp]:
     if "-s" in flags:  # read's partial pattern check: -s OFF -l LEN
         at = flags.index("-s")
         yield replace(op, flags=tuple(flags[:at] + flags[at + 4:]))
-    for flag in ("-f", "-q", "-n", "-u"):
+    for flag in ("-c", "-f", "-q", "-n", "-u"):
         if flag in flags:
             yield replace(op, flags=tuple(f for f in flags if f != flag))
     if "-v" in flags:
@@ -301,6 +301,8 @@ def _smaller_numbers(case: FuzzCase) -> Iterator[FuzzCase]:
                         yield _replace_op(case, index, op_index, replace(op, offset=offset))
                 for position, length in enumerate(op.lengths):
                     for smaller in rounder(length, grain, 1):
+                        if "-c" in op.flags and smaller > max(length, grain):
+                            continue  # see generate.write_compressed: one cluster at most
                         lengths = op.lengths[:position] + (smaller,) + op.lengths[position + 1:]
                         yield _replace_op(case, index, op_index, replace(op, lengths=lengths))
         elif isinstance(step, Map):

@@ -58,16 +58,22 @@ def tampered(qemu) -> Callable[..., Tampered]:
 def broken_present(monkeypatch) -> None:
     """The engine bug docs/walkthrough.md introduces by hand: qemu-img map's
     `present` taken from the data flag, so a zero cluster (or a hole in a
-    raw file) reads as not present."""
-    import imgengine.chain as chain
+    raw file) reads as not present. Broken at the public BlockNode.map and
+    map_entry, whatever paths the engine takes inside them."""
+    from imgengine.node import BlockNode
 
-    original = chain.map_entry
+    original_map, original_entry = BlockNode.map, BlockNode.map_entry
 
-    def map_entry(node, offset, length):
-        entry = original(node, offset, length)
+    def map_entry(self, offset, length):
+        entry = original_entry(self, offset, length)
         return dataclasses.replace(entry, present=entry.data)
 
-    monkeypatch.setattr(chain, "map_entry", map_entry)
+    def map_all(self, start=0, length=None):
+        for entry in original_map(self, start, length):
+            yield dataclasses.replace(entry, present=entry.data)
+
+    monkeypatch.setattr(BlockNode, "map_entry", map_entry)
+    monkeypatch.setattr(BlockNode, "map", map_all)
 
 
 def slow_result(seconds: float) -> Callable[[str, list[str], str, Result], Result]:

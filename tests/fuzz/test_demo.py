@@ -87,3 +87,39 @@ def test_qemu_against_itself_reports_nothing(qemu):
     assert status == 0, out
     assert "disagreements  0 case(s)" in out
     assert "fuzz: 6/6 cases" in err
+
+
+def test_a_disagreement_that_does_not_come_back_is_not_written(qemu, tampered, monkeypatch,
+                                                               tmp_path):
+    from harness.backends.base import Result
+    from harness.fuzz import cli
+    from harness.fuzz.generate import generate
+    from harness.fuzz.model import Map
+
+    index = next(i for i in range(200)
+                 if any(isinstance(s, Map) and not s.human and not s.cut_backing
+                        for s in generate(2, i).steps))
+    state = {"tamper": True}
+
+    def after(tool, argv, cwd, result):
+        if state["tamper"] and argv[:2] == ["map", "--output=json"]:
+            return Result(result.stdout + "a line only the first run prints\n",
+                          result.stderr, result.status)
+        return result
+
+    flaky = tampered(after=after)
+    monkeypatch.setattr(cli, "_backends", lambda settings: (flaky, qemu, qemu))
+    first_run = cli.run_one
+
+    def run_once_then_behave(case_index, settings=None):
+        report = first_run(case_index, settings)
+        state["tamper"] = False
+        return report
+
+    monkeypatch.setattr(cli, "run_one", run_once_then_behave)
+    status, out, _ = _run(["--seed", "2", "--start", str(index), "--count", "1", "--jobs", "1",
+                           "--shrink-runs", "3", "--findings", str(tmp_path)])
+    assert status == 1
+    assert "did not come back when the case ran again" in out
+    assert "did not disagree again (not deterministic); not written" in out
+    assert not (tmp_path / "cases").exists()

@@ -17,9 +17,9 @@ def test_a_covering_corpus_covers_what_its_range_does_with_few_cases():
     def reach(indices):
         return set().union(*(features(generate(99, index)) for index in indices))
 
-    assert reach(covering_corpus(99, range(150), 15)) == reach(range(150))
+    assert reach(covering_corpus(99, range(150), 25)) == reach(range(150))
     bigger = covering_corpus(99, range(150), 40)
-    assert len(bigger) == 40 and set(covering_corpus(99, range(150), 15)) <= set(bigger)
+    assert len(bigger) == 40 and set(covering_corpus(99, range(150), 25)) <= set(bigger)
 
 
 def test_chains_are_what_qemu_allows():
