@@ -236,6 +236,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                      f"tested first, not {args.backends!r} (qemu,qemu checks that "
                      "nothing but real differences is reported)")
     args.tested, args.reference = names
+    findings = Path(args.findings)
+    if findings.exists() and not findings.is_dir():
+        parser.error(f"--findings {args.findings}: exists and is not a folder")
     return args
 
 
@@ -340,9 +343,16 @@ def _shrink_and_write(tally: Tally, settings: Settings, jobs: int, args: argpars
             written.append((shrunk, None))
             continue
         final = reveal(result.case, shrunk.difference)
-        finding = write_finding(final, shrunk.outcome, shrunk.difference, shrunk.original,
-                                result.runs, findings=findings, repo_root=ROOT,
-                                tested=tested, reference=reference, qemu=qemu)
+        try:
+            finding = write_finding(final, shrunk.outcome, shrunk.difference,
+                                    shrunk.original, result.runs, findings=findings,
+                                    repo_root=ROOT, tested=tested, reference=reference,
+                                    qemu=qemu)
+        except OSError as error:
+            print(f"harness fuzz: cannot write the finding of case {shrunk.index} under "
+                  f"{findings}: {error}", file=err)
+            out.write(render(final))
+            continue
         written.append((shrunk, finding))
         _print_finding(shrunk, finding, out)
     return written

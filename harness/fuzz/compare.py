@@ -31,6 +31,7 @@ import re
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,7 +42,7 @@ from types import FrameType
 from harness import filters
 from harness.backends.base import Backend, Result
 from harness.filters import FilterContext
-from harness.fuzz.model import REVEAL_FILTERS, FuzzCase, FuzzStep
+from harness.fuzz.model import REVEAL_FILTERS, FuzzCase
 from harness.fuzz.model import render as render_case
 from harness.golden import unified_diff
 from harness.loader import load_case_text
@@ -115,8 +116,10 @@ class CaseTimeout(BaseException):
 
 @contextmanager
 def time_limit(seconds: float | None) -> Iterator[None]:
-    """Raise CaseTimeout in this (main) thread after `seconds`."""
-    if not seconds or not hasattr(signal, "setitimer"):
+    """Raise CaseTimeout in this thread after `seconds` (only the main thread
+    can take signals; elsewhere there is no limit)."""
+    if not seconds or not hasattr(signal, "setitimer") or \
+            threading.current_thread() is not threading.main_thread():
         yield
         return
 
@@ -161,8 +164,8 @@ def run_pair(case: FuzzCase, tested: Backend, reference: Backend, qemu: Backend,
             outcome.reference_transcript = _normalise(reference_run.text, reference_dir)
             outcome.differences += compare_steps(case, tested_run, reference_run,
                                                  tested_dir, reference_dir)
-            outcome.differences += compare_images(case, qemu, tested_dir, reference_dir,
-                                                  compare_files=compare_files)
+            outcome.differences += compare_images(case, loaded, qemu, tested_dir,
+                                                  reference_dir, compare_files=compare_files)
     except CaseTimeout as expired:
         outcome.differences.append(Difference("timeout", "the whole case", "case",
                                               "", str(expired) + "\n"))
@@ -176,12 +179,10 @@ def _normalise(text: str, directory: str) -> str:
     return text.replace(directory, "TEST_DIR")
 
 
-def step_names(case: FuzzCase) -> list[tuple[str, str | None, FuzzStep | None]]:
-    """(kind, image, model step) for each rendered step: creates, then steps."""
-    names: list[tuple[str, str | None, FuzzStep | None]] = [
-        ("create", layer.name, None) for layer in case.layers]
-    names += [(step.kind, step.image, step) for step in case.steps]
-    return names
+def step_names(case: FuzzCase) -> list[tuple[str, str]]:
+    """(kind, image) of each rendered step: the creates, then the steps."""
+    return [("create", layer.name) for layer in case.layers] + \
+        [(step.kind, step.image) for step in case.steps]
 
 
 def _reveal(command: Command, result: Result, kind: str, directory: str,
@@ -198,7 +199,7 @@ def compare_steps(case: FuzzCase, tested: Transcript, reference: Transcript,
     names = step_names(case)
     step_pieces = zip(tested.pieces[1:-1], reference.pieces[1:-1], strict=True)
     for index, (mine, theirs) in enumerate(step_pieces):
-        kind, image, _ = names[index]
+        kind, image = names[index]
         step = mine.step
         where = step.display() if isinstance(step, Command) else f"step {index + 1}"
         difference = _step_difference(mine, theirs, kind, tested_dir, reference_dir,
@@ -228,10 +229,9 @@ def _step_difference(mine: Piece, theirs: Piece, kind: str, tested_dir: str,
     return None
 
 
-def compare_images(case: FuzzCase, qemu: Backend, tested_dir: str, reference_dir: str, *,
-                   compare_files: bool = False) -> list[Difference]:
+def compare_images(case: FuzzCase, loaded: Case, qemu: Backend, tested_dir: str,
+                   reference_dir: str, *, compare_files: bool = False) -> list[Difference]:
     """Each image of the chain as real QEMU sees it after both runs."""
-    loaded = load_fuzz_case(case)
     differences = []
     for layer in case.layers:
         image = loaded.images[layer.name]

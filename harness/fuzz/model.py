@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 # Names of the layers of a chain of 1-4, bottom first: the top is always
@@ -414,11 +413,3 @@ def as_data(case: FuzzCase) -> dict[str, object]:
 
 def _loaded_number(text: str) -> object:
     return int(text) if text.isdigit() else text
-
-
-def iter_ops(case: FuzzCase) -> Iterator[tuple[int, int, IoOp]]:
-    """(step index, op index, op) for every qemu-io operation of the case."""
-    for index, step in enumerate(case.steps):
-        if isinstance(step, Io):
-            for op_index, op in enumerate(step.ops):
-                yield index, op_index, op

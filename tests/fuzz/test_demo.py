@@ -66,6 +66,14 @@ def test_usage_errors_exit_2():
         _run(["--backends", "engine,nope"])
 
 
+def test_a_findings_path_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(SystemExit) as stopped:
+        _run(["--findings", str(tmp_path / "taken")])
+    assert stopped.value.code == 2
+    assert "taken: exists and is not a folder" in capsys.readouterr().err
+
+
 def test_without_qemu_the_fuzzer_refuses_with_the_reason(monkeypatch):
     monkeypatch.setattr(QemuBackend, "unavailable", lambda self: "qemu-img is not installed")
     status, _, err = _run(["--count", "1"])
