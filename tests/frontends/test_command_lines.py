@@ -148,3 +148,28 @@ def test_qemu_io_commands_from_stdin(twins, script):
     """Without -c, qemu-io prompts and reads commands from a pipe."""
     twins.compare("io", stdin=script)
     twins.compare("io", stdin=script, merged=True)
+
+
+@pytest.mark.parametrize("tool, args", [
+    ("io", ["-x"]),
+    ("io", ["-c", "nope", "nofile"]),
+    ("io", ["-h"]),
+    ("img", ["info", "nofile"]),
+    ("img", ["nope"]),
+], ids=lambda value: " ".join(value) if isinstance(value, list) else value)
+def test_program_name_follows_argv0(tmp_path, qemu_img, qemu_io, pyqemu_img, pyqemu_io,
+                                    child_env, normalise, tool, args):
+    """Under any other name the tools call themselves what QEMU's would."""
+    import subprocess
+
+    outcomes = []
+    for side, program in (("qemu", qemu_io if tool == "io" else qemu_img),
+                          ("pyqemu", pyqemu_io if tool == "io" else pyqemu_img)):
+        folder = tmp_path / side
+        folder.mkdir()
+        (folder / "renamed-tool").symlink_to(program)
+        completed = subprocess.run(["./renamed-tool", *args], cwd=folder, capture_output=True,
+                                   text=True, env=child_env, stdin=subprocess.DEVNULL)
+        outcomes.append((completed.returncode, normalise(completed.stdout),
+                         normalise(completed.stderr)))
+    assert outcomes[1] == outcomes[0]
