@@ -123,9 +123,19 @@ class TableCache:
         self.dirty.discard(offset)
 
     def set_dependency(self, other: TableCache) -> None:
-        """Flush ``other`` before this cache writes anything."""
+        """Flush ``other`` before this cache writes anything.
+
+        Two caches never wait for each other: if ``other`` already waits for
+        a cache, that one is written now (QEMU's qcow2_cache_set_dependency).
+        """
+        if other.depends is not None:
+            pending = other.depends
+            other.depends = None
+            pending.flush()
         if self.depends is not None and self.depends is not other:
-            self.depends.flush()
+            pending = self.depends
+            self.depends = None
+            pending.flush()
         self.depends = other
 
     def _make_room(self) -> None:

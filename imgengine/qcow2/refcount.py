@@ -96,6 +96,8 @@ class Refcounts:
         self.free_byte_offset = 0
         self.discards: list[list[int]] = []
         self.cache_discards = False
+        # Clusters were freed whose unmapping may not be on disk yet.
+        self.freed_pending = False
         decode, encode = entry_codec(self.bits, self.block_entries)
         self.cache = TableCache(self.file, MIN_REFCOUNT_CACHE_SIZE, self.cluster_size,
                                 decode, encode, before_write=self._before_block_write)
@@ -172,10 +174,22 @@ class Refcounts:
 
     # -- allocation ------------------------------------------------------------------
 
+    def settle_frees(self) -> None:
+        """Put on disk the L2 changes that freed clusters, before reusing any.
+
+        A cluster freed by dropping its mapping must not get new contents
+        while the old mapping is still on disk: a process killed then would
+        leave the old guest offset reading someone else's data.
+        """
+        if self.freed_pending:
+            self.freed_pending = False
+            self.s.l2_cache.flush()
+
     def alloc_clusters_noref(self, size: int, max_offset: int = MAX_CLUSTER_OFFSET) -> int:
         """Find free clusters for ``size`` bytes without taking them yet."""
         if self.cache_discards:
             self.process_discards(True)
+        self.settle_frees()
         nb_clusters = -(-size // self.cluster_size)
         found = 0
         block_bits = self.block_bits
@@ -225,6 +239,7 @@ class Refcounts:
         """Take as many free clusters as possible starting exactly at ``offset``."""
         if nb_clusters == 0:
             return 0
+        self.settle_frees()
         while True:
             cluster_index = offset >> self.cluster_bits
             count = 0
@@ -317,8 +332,11 @@ class Refcounts:
                     if refcount + addend > self.max:
                         raise ImageError("Invalid argument", errno=errno.EINVAL)
                     refcount += addend
-                if refcount == 0 and cluster_index < self.free_cluster_index:
-                    self.free_cluster_index = cluster_index
+                if refcount == 0:
+                    if decrease:
+                        self.freed_pending = True
+                    if cluster_index < self.free_cluster_index:
+                        self.free_cluster_index = cluster_index
                 block[position] = refcount
                 if refcount == 0:
                     # QEMU drops a cached table whose cluster was freed; it
