@@ -424,6 +424,12 @@ class ClusterMapping:
                                    f"(guest offset: {hexc(guest_offset)})")
         if host_offset != INVALID_OFFSET and cluster_offset != host_offset:
             return False, host_offset, 0
+        if cluster_offset >= self.file.size():
+            # Allocated clusters always lie inside the file: writing there
+            # would only grow the file to wherever a hostile entry points.
+            self.signal_corruption(f"Data cluster offset {hexc(cluster_offset)} lies beyond "
+                                   f"the end of the file (guest offset: "
+                                   f"{hexc(guest_offset)})", fatal=False)
         keep = count_single_write_clusters(table, index, nb_clusters, False, cs)
         nbytes = min(nbytes, keep * cs - oic)
         self.calculate_l2_meta(cluster_offset, guest_offset, nbytes, table, True, metas)

@@ -483,24 +483,29 @@ class Qcow2Driver(ClusterMapping, Driver):
         raise error
 
     def check_metadata_location(self, offset: int, size: int, what: str) -> None:
-        """A table about to be read must lie inside the file, clear of fixed metadata."""
+        """A table about to be read must lie inside the file, clear of fixed metadata.
+
+        These checks go beyond QEMU's, so they refuse the request without
+        marking the image corrupt on disk.
+        """
         cs = self.cluster_size
+        problem = None
         if offset & (cs - 1):
-            self.signal_corruption(f"{what} offset {hexc(offset)} unaligned")
-        if offset < cs:
-            self.signal_corruption(f"{what} at offset {hexc(offset)} overlaps the qcow2 header")
-        if offset + size > self.file.size():
-            self.signal_corruption(f"{what} at offset {hexc(offset)} lies beyond the end of "
-                                   f"the file")
-        reft_offset = self.refcounts.table_offset
-        reft_size = self.refcounts.table_size * fmt.REFTABLE_ENTRY_SIZE
-        if offset < reft_offset + reft_size and reft_offset < offset + size:
-            self.signal_corruption(f"{what} at offset {hexc(offset)} overlaps the refcount table")
-        if self.l1_size:
+            problem = f"{what} offset {hexc(offset)} unaligned"
+        elif offset < cs:
+            problem = f"{what} at offset {hexc(offset)} overlaps the qcow2 header"
+        elif offset + size > self.file.size():
+            problem = f"{what} at offset {hexc(offset)} lies beyond the end of the file"
+        else:
+            reft_offset = self.refcounts.table_offset
+            reft_size = self.refcounts.table_size * fmt.REFTABLE_ENTRY_SIZE
             l1_end = self.l1_table_offset + self.l1_size * L1E_SIZE
-            if offset < l1_end and self.l1_table_offset < offset + size:
-                self.signal_corruption(f"{what} at offset {hexc(offset)} overlaps the active "
-                                       f"L1 table")
+            if offset < reft_offset + reft_size and reft_offset < offset + size:
+                problem = f"{what} at offset {hexc(offset)} overlaps the refcount table"
+            elif self.l1_size and offset < l1_end and self.l1_table_offset < offset + size:
+                problem = f"{what} at offset {hexc(offset)} overlaps the active L1 table"
+        if problem is not None:
+            self.signal_corruption(problem, fatal=False)
 
     def metadata_changed(self) -> None:
         self._overlap_version += 1

@@ -452,3 +452,18 @@ def test_random_metadata_damage(tmp_path, pristine, data):
     exercise(path, read_only=True)
     exercise(path, backing=False)
     assert sorted(os.listdir(tmp_path)) == neighbours
+
+
+def test_data_cluster_far_past_the_end_is_not_written(image):
+    # An in-place write there would only grow the file to where the entry
+    # points; the engine refuses (without marking the image corrupt).
+    l2_offset, _ = l2_entries(image)
+    poke(image, l2_offset, struct.pack(">Q", (1 << 40) | fmt.OFLAG_COPIED))
+    size = os.path.getsize(image)
+    with open_image(image) as node:
+        assert node.read(0, 4096) == bytes(4096)  # reads as zero, as in QEMU
+        with pytest.raises(CorruptImageError, match="beyond the end of the file"):
+            node.write(0, b"x" * 512)
+    assert os.path.getsize(image) == size
+    with open_image(image) as node:
+        node.write(100 * KIB, b"y" * 512)
