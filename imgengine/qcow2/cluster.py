@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import ImageError
+from ..errors import CorruptImageError, ImageError
 from ..node import DATA, OFFSET_VALID, RECURSE, ZERO
 from .format import (
     L1E_OFFSET_MASK,
@@ -112,8 +112,6 @@ class ClusterMapping:
         if table is not None:
             cache.tables.move_to_end(key)
             return table, key
-        self.check_metadata_location(l2_offset, self.cluster_size,
-                                     f"L2 table (L1 index {hexc(l1_index)})")
         return cache.get(key), key
 
     def get_host_offset(self: Qcow2Driver, offset: int, nbytes: int) -> tuple[int, int, int]:
@@ -137,13 +135,13 @@ class ClusterMapping:
             l2_offset = self.l1_table[l1_index] & L1E_OFFSET_MASK
             if l2_offset:
                 if l2_offset & (cs - 1):
-                    self.signal_corruption(f"L2 table offset {hexc(l2_offset)} unaligned "
+                    raise self.signal_corruption(f"L2 table offset {hexc(l2_offset)} unaligned "
                                            f"(L1 index: {hexc(l1_index)})")
                 table, _ = self.l2_load(offset, l2_offset, l1_index)
                 entry = table[slice_index]
                 ctype = cluster_type(entry)
                 if self.qcow_version < 3 and ctype in (ZERO_PLAIN, ZERO_ALLOC):
-                    self.signal_corruption(
+                    raise self.signal_corruption(
                         f"Zero cluster entry found in pre-v3 image (L2 offset: "
                         f"{hexc(l2_offset)}, L2 index: {hexc(slice_index)})")
                 if ctype == COMPRESSED:
@@ -152,7 +150,7 @@ class ClusterMapping:
                     host_cluster = entry & L2E_OFFSET_MASK
                     host = host_cluster + offset_in_cluster
                     if host_cluster & (cs - 1):
-                        self.signal_corruption(
+                        raise self.signal_corruption(
                             f"Cluster allocation offset {hexc(host_cluster)} unaligned (L2 "
                             f"offset: {hexc(l2_offset)}, L2 index: {hexc(slice_index)})")
                 nb_clusters = (bytes_needed + cs - 1) >> cb
@@ -192,7 +190,7 @@ class ClusterMapping:
                 pos = span_end
                 continue
             if l2_offset & (cs - 1):
-                self.signal_corruption(f"L2 table offset {hexc(l2_offset)} unaligned "
+                raise self.signal_corruption(f"L2 table offset {hexc(l2_offset)} unaligned "
                                        f"(L1 index: {hexc(l1_index)})")
             while pos < span_end:
                 first = (pos >> cb) & (slice_entries - 1)
@@ -229,7 +227,7 @@ class ClusterMapping:
                     else:
                         ctype = cluster_type(entry)
                         if v2 and ctype in (ZERO_PLAIN, ZERO_ALLOC):
-                            self.signal_corruption(
+                            raise self.signal_corruption(
                                 f"Zero cluster entry found in pre-v3 image (L2 offset: "
                                 f"{hexc(l2_offset)}, L2 index: {hexc(i)})")
                         if ctype == COMPRESSED:
@@ -253,7 +251,7 @@ class ClusterMapping:
                 pos = slice_end
 
     def _unaligned_cluster(self: Qcow2Driver, host: int, l2_offset: int, index: int) -> None:
-        self.signal_corruption(f"Cluster allocation offset {hexc(host)} unaligned (L2 "
+        raise self.signal_corruption(f"Cluster allocation offset {hexc(host)} unaligned (L2 "
                                f"offset: {hexc(l2_offset)}, L2 index: {hexc(index)})")
 
     # -- L1 table ------------------------------------------------------------------------
@@ -308,7 +306,7 @@ class ClusterMapping:
         l2_offset = refcounts.alloc_clusters(cs)
         try:
             if l2_offset == 0:
-                self.signal_corruption("Preventing invalid allocation of L2 table at offset 0")
+                raise self.signal_corruption("Preventing invalid allocation of L2 table at offset 0")
             refcounts.cache.flush()
             cache = self.l2_cache
             slice_bytes = self.l2_slice_size * 8
@@ -339,9 +337,6 @@ class ClusterMapping:
         if table is not None:
             cache.tables.move_to_end(key)
             return table, key
-        start = key & ~(self.cluster_size - 1)
-        self.check_metadata_location(start, self.cluster_size,
-                                     f"L2 table (L1 index {hexc(l1_index)})")
         return cache.get(key), key
 
     def get_cluster_table(self: Qcow2Driver, offset: int) -> tuple[array, int, int]:
@@ -355,13 +350,20 @@ class ClusterMapping:
             self.grow_l1_table(l1_index + 1, False)
         l2_offset = self.l1_table[l1_index] & L1E_OFFSET_MASK
         if l2_offset & (self.cluster_size - 1):
-            self.signal_corruption(f"L2 table offset {hexc(l2_offset)} unaligned "
+            raise self.signal_corruption(f"L2 table offset {hexc(l2_offset)} unaligned "
                                    f"(L1 index: {hexc(l1_index)})")
         if not self.l1_table[l1_index] & OFLAG_COPIED:
             self.l2_allocate(l1_index)
             if l2_offset:
                 self.refcounts.free_clusters(l2_offset, self.cluster_size, DISCARD_OTHER)
             l2_offset = self.l1_table[l1_index] & L1E_OFFSET_MASK
+        elif l2_offset >= self.file.size():
+            # An L2 table in use always lies inside the file; updating one a
+            # hostile L1 entry places far beyond it would only grow the file.
+            # (A check of the engine's own: reads see zeroes there, as QEMU's.)
+            raise CorruptImageError(f"L2 table offset {hexc(l2_offset)} lies beyond the end "
+                                    f"of the file (L1 index: {hexc(l1_index)})",
+                                    errno=errno.EIO)
         table, key = self.l2_load(offset, l2_offset, l1_index)
         return table, (offset >> cb) & (self.l2_slice_size - 1), key
 
@@ -420,16 +422,17 @@ class ClusterMapping:
             return False, host_offset, nbytes
         if cluster_offset & (cs - 1):
             kind = "Preallocated zero" if entry & OFLAG_ZERO else "Data"
-            self.signal_corruption(f"{kind} cluster offset {hexc(cluster_offset)} unaligned "
+            raise self.signal_corruption(f"{kind} cluster offset {hexc(cluster_offset)} unaligned "
                                    f"(guest offset: {hexc(guest_offset)})")
         if host_offset != INVALID_OFFSET and cluster_offset != host_offset:
             return False, host_offset, 0
         if cluster_offset >= self.file.size():
             # Allocated clusters always lie inside the file: writing there
             # would only grow the file to wherever a hostile entry points.
-            self.signal_corruption(f"Data cluster offset {hexc(cluster_offset)} lies beyond "
-                                   f"the end of the file (guest offset: "
-                                   f"{hexc(guest_offset)})", fatal=False)
+            # (A check of the engine's own: no QEMU notice, no corrupt bit.)
+            raise CorruptImageError(f"Data cluster offset {hexc(cluster_offset)} lies beyond "
+                                    f"the end of the file (guest offset: "
+                                    f"{hexc(guest_offset)})", errno=errno.EIO)
         keep = count_single_write_clusters(table, index, nb_clusters, False, cs)
         nbytes = min(nbytes, keep * cs - oic)
         self.calculate_l2_meta(cluster_offset, guest_offset, nbytes, table, True, metas)

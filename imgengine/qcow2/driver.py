@@ -41,7 +41,6 @@ from .format import (
     OFFSET_INCOMPATIBLE_FEATURES,
     REFT_OFFSET_MASK,
     Header,
-    hexc,
 )
 from .refcount import (
     DISCARD_OTHER,
@@ -56,6 +55,8 @@ if TYPE_CHECKING:
 
 SECTOR_SIZE = 512
 DEFAULT_L2_CACHE_MAX_SIZE = 32 * 1024 * 1024
+# QEMU runs the pieces of one request as at most this many concurrent tasks.
+WRITE_TASKS = 8
 MIN_L2_CACHE_SIZE = 2
 METADATA_OVERLAP_ORDER = ("qcow2_header", "active L1 table", "refcount table",
                           "snapshot table", "inactive L1 table", "active L2 table",
@@ -134,6 +135,7 @@ class Qcow2Driver(ClusterMapping, Driver):
         self.metadata_prealloc: bool | None = None
         self.signaled_corruption = False
         self.broken = False
+        self.closing = False
         self.image_backing_file = header.backing_file
         self.image_backing_format = header.backing_format
         # Lines QEMU prints while opening (the repair of a dirty image), and
@@ -214,10 +216,7 @@ class Qcow2Driver(ClusterMapping, Driver):
         s.l1_vm_state_index = l1_vm_state_index
         if header.l1_size < l1_vm_state_index:
             raise CorruptImageError("L1 table is too small", errno=errno.EINVAL)
-        file_size = file.size()
         if header.l1_size:
-            s._check_table_in_file(header.l1_table_offset, header.l1_size * L1E_SIZE,
-                                   "Active L1 table", file_size)
             raw = read(header.l1_table_offset, header.l1_size * L1E_SIZE)
             s.l1_table = fmt.decode_table(raw)
 
@@ -225,13 +224,7 @@ class Qcow2Driver(ClusterMapping, Driver):
 
         s.refcounts = Refcounts(s, header.refcount_table_offset,
                                 header.refcount_table_clusters)
-        if header.refcount_table_clusters:
-            s._check_table_in_file(header.refcount_table_offset,
-                                   header.refcount_table_clusters * cs,
-                                   "Reference count table", file_size)
         s.refcounts.load_table()
-        if header.refcount_table_clusters and not check_mode:
-            s._check_fixed_metadata_overlaps()
 
         fmt.read_extensions(header, read)
         if header.incompatible_features & fmt.INCOMPAT_DATA_FILE:
@@ -318,28 +311,6 @@ class Qcow2Driver(ClusterMapping, Driver):
             name = sorted(options)[0]
             raise ImageError(f"Block format 'qcow2' does not support the option '{name}'",
                              errno=errno.EINVAL)
-
-    def _check_table_in_file(self, offset: int, size: int, name: str, file_size: int) -> None:
-        if offset + size > file_size:
-            raise CorruptImageError(f"{name} at offset {hexc(offset)} extends past the end of "
-                                    f"the file", errno=errno.EINVAL)
-
-    def _check_fixed_metadata_overlaps(self) -> None:
-        """The header, L1 table and refcount table must not share clusters."""
-        cs = self.cluster_size
-        reft = (self.refcounts.table_offset,
-                self.refcounts.table_size * fmt.REFTABLE_ENTRY_SIZE)
-        if reft[0] < cs:
-            raise CorruptImageError("Reference count table overlaps the qcow2 header",
-                                    errno=errno.EINVAL)
-        if self.l1_size:
-            l1 = (self.l1_table_offset, self.l1_size * L1E_SIZE)
-            if l1[0] < cs:
-                raise CorruptImageError("Active L1 table overlaps the qcow2 header",
-                                        errno=errno.EINVAL)
-            if l1[0] < reft[0] + reft[1] and reft[0] < l1[0] + l1[1]:
-                raise CorruptImageError("Active L1 table overlaps the reference count table",
-                                        errno=errno.EINVAL)
 
     def _read_snapshots(self) -> None:
         """Read the snapshot table (qcow2_read_snapshots) for its L1 tables."""
@@ -455,57 +426,43 @@ class Qcow2Driver(ClusterMapping, Driver):
 
     # -- corruption handling ----------------------------------------------------------------
 
-    def signal_corruption(self, message: str, *, fatal: bool = True) -> None:
-        """Refuse to go on with corrupt metadata (qcow2_signal_corruption).
+    def signal_corruption(self, message: str, *, fatal: bool = True) -> CorruptImageError:
+        """Report corrupt metadata as qcow2_signal_corruption does.
 
-        A writable image is marked corrupt on disk, as QEMU does, so that
-        nothing writes to it until it is repaired.  Always raises.
+        Fatal corruption of a writable image marks it corrupt on disk (so
+        nothing writes to it until it is repaired) and makes this node
+        unusable.  The line QEMU prints to stderr becomes the error's
+        ``notice`` (None when QEMU would suppress a repeat).  Returns the
+        error for the caller to raise; QEMU carries on after non-fatal
+        corruption, and so do callers that only report it.
         """
         fatal = fatal and not self.read_only
-        if fatal:
-            notice = (f"qcow2: Marking image as corrupt: {message}; further corruption "
-                      f"events will be suppressed")
-        else:
-            notice = (f"qcow2: Image is corrupt: {message}; further non-fatal corruption "
-                      f"events will be suppressed")
+        notice = None
+        suppressed = self.signaled_corruption and (
+            not fatal or self.incompatible_features & fmt.INCOMPAT_CORRUPT)
+        if not suppressed:
+            if fatal:
+                notice = (f"qcow2: Marking image as corrupt: {message}; further corruption "
+                          f"events will be suppressed")
+                self.incompatible_features |= fmt.INCOMPAT_CORRUPT
+                try:
+                    self.update_header()
+                except ImageError:
+                    pass
+                self.broken = True
+            else:
+                notice = (f"qcow2: Image is corrupt: {message}; further non-fatal "
+                          f"corruption events will be suppressed")
+            self.signaled_corruption = True
         error = CorruptImageError(message, errno=errno.EIO)
         error.notice = notice  # type: ignore[attr-defined]
-        if self.signaled_corruption:
-            error.notice = None  # type: ignore[attr-defined]
-        self.signaled_corruption = True
-        if fatal:
-            self.broken = True
-            self.incompatible_features |= fmt.INCOMPAT_CORRUPT
-            try:
-                self.update_header()
-            except ImageError:
-                pass
-        raise error
+        return error
 
-    def check_metadata_location(self, offset: int, size: int, what: str) -> None:
-        """A table about to be read must lie inside the file, clear of fixed metadata.
-
-        These checks go beyond QEMU's, so they refuse the request without
-        marking the image corrupt on disk.
-        """
-        cs = self.cluster_size
-        problem = None
-        if offset & (cs - 1):
-            problem = f"{what} offset {hexc(offset)} unaligned"
-        elif offset < cs:
-            problem = f"{what} at offset {hexc(offset)} overlaps the qcow2 header"
-        elif offset + size > self.file.size():
-            problem = f"{what} at offset {hexc(offset)} lies beyond the end of the file"
-        else:
-            reft_offset = self.refcounts.table_offset
-            reft_size = self.refcounts.table_size * fmt.REFTABLE_ENTRY_SIZE
-            l1_end = self.l1_table_offset + self.l1_size * L1E_SIZE
-            if offset < reft_offset + reft_size and reft_offset < offset + size:
-                problem = f"{what} at offset {hexc(offset)} overlaps the refcount table"
-            elif self.l1_size and offset < l1_end and self.l1_table_offset < offset + size:
-                problem = f"{what} at offset {hexc(offset)} overlaps the active L1 table"
-        if problem is not None:
-            self.signal_corruption(problem, fatal=False)
+    def report_corruption(self, message: str) -> None:
+        """Non-fatal corruption QEMU reports and then carries on from."""
+        notice = getattr(self.signal_corruption(message, fatal=False), "notice", None)
+        if notice:
+            self.messages.append(notice)
 
     def metadata_changed(self) -> None:
         self._overlap_version += 1
@@ -546,8 +503,9 @@ class Qcow2Driver(ClusterMapping, Driver):
                 add_range(snapshot.l1_table_offset, snapshot.l1_size * L1E_SIZE,
                           "inactive L1 table")
         l2_rank = rank["active L2 table"]
-        keys.extend(((entry & L1E_OFFSET_MASK) >> cb << 4) | l2_rank
-                    for entry in self.l1_table if entry & L1E_OFFSET_MASK)
+        if not self.closing:
+            keys.extend(((entry & L1E_OFFSET_MASK) >> cb << 4) | l2_rank
+                        for entry in self.l1_table if entry & L1E_OFFSET_MASK)
         block_rank = rank["refcount block"]
         table = refcounts.table
         last = min(refcounts.max_table_index + 1, len(table))
@@ -581,8 +539,8 @@ class Qcow2Driver(ClusterMapping, Driver):
             if best < len(METADATA_OVERLAP_ORDER):
                 hit = METADATA_OVERLAP_ORDER[best]
         if hit is not None:
-            self.signal_corruption(f"Preventing invalid write on metadata (overlaps with "
-                                   f"{hit})")
+            raise self.signal_corruption(f"Preventing invalid write on metadata (overlaps "
+                                         f"with {hit})")
 
     def _before_l2_write(self, offset: int, size: int) -> None:
         self.check_metadata_write(offset, size, ignore="active L2 table")
@@ -661,29 +619,55 @@ class Qcow2Driver(ClusterMapping, Driver):
             position += cur
 
     def pwritev(self, offset: int, data: memoryview) -> None:
-        """Write a guest range with allocation and copy-on-write."""
+        """Write a guest range with allocation and copy-on-write.
+
+        A request that needs several host runs is split as QEMU splits it,
+        and QEMU runs the pieces as concurrent tasks (at most eight): each
+        piece's clusters are allocated before earlier pieces link their L2
+        entries (and free what those replaced).  Pieces are therefore
+        allocated ahead and completed in order, in a window of eight, so
+        that host offsets come out as QEMU's.
+        """
         self._check_usable()
         position = 0
         remaining = len(data)
-        while remaining > 0:
-            cur = min(remaining, INT_MAX)
-            handled, host, metas = self.alloc_host_offset(offset, cur)
-            try:
-                self.check_metadata_write(host, handled, ignore=None)
+        in_flight: list[list[L2Meta]] = []
+        try:
+            while remaining > 0:
+                cur = min(remaining, INT_MAX)
+                handled, host, metas = self.alloc_host_offset(offset, cur)
+                try:
+                    self.check_metadata_write(host, handled, ignore=None)
+                except BaseException:
+                    for m in metas:
+                        self.alloc_cluster_abort(m)
+                    raise
+                in_flight.append(metas)
+                if len(in_flight) > WRITE_TASKS:
+                    # No free task: wait for the oldest piece to complete.
+                    self._complete_write(in_flight[0])
+                    in_flight.pop(0)
                 chunk = data[position:position + handled]
                 self._handle_alloc_space(metas)
                 if not self._merge_cow(offset, handled, chunk, metas):
                     self.file.pwrite(host, chunk)
-                while metas:
-                    self.link_l2(metas[0])
-                    metas.pop(0)
-            except BaseException:
+                offset += handled
+                position += handled
+                remaining -= handled
+            while in_flight:
+                self._complete_write(in_flight[0])
+                in_flight.pop(0)
+        except BaseException:
+            for metas in in_flight:
                 for m in metas:
                     self.alloc_cluster_abort(m)
-                raise
-            offset += handled
-            position += handled
-            remaining -= handled
+            raise
+
+    def _complete_write(self, metas: list[L2Meta]) -> None:
+        """Copy on write and link the L2 entries of one written piece."""
+        while metas:
+            self.link_l2(metas[0])
+            metas.pop(0)
 
     def pwritev_compressed(self, offset: int, data: memoryview) -> None:
         """qcow2_co_pwritev_compressed_part, one cluster after the other."""
@@ -838,14 +822,45 @@ class Qcow2Driver(ClusterMapping, Driver):
         self.file.flush()
 
     def close(self) -> None:
+        """Write back the caches and close, as QEMU closes a qcow2 node.
+
+        QEMU flushes first; if that finds fatal corruption the node is dead
+        and nothing more is written.  Otherwise the caches are written back
+        again (qcow2_inactivate), where a failure is reported as "Failed to
+        flush the ... cache" and the image is not marked clean.  Such lines
+        (and corruption notices) go to ``messages``; closing carries on.
+        """
         try:
             if not self.read_only and not self.broken:
-                self.l2_cache.flush()
-                self.refcounts.cache.flush()
-                self.mark_clean()
+                try:
+                    self.write_caches()
+                except ImageError as error:
+                    self._note(error)
+            if not self.read_only and not self.broken:
+                # QEMU drops its L1 table before writing back, so active L2
+                # tables are no longer part of the overlap check by then.
+                self.closing = True
+                self.metadata_changed()
+                failed = False
+                for cache, name in ((self.l2_cache, "L2 table"),
+                                    (self.refcounts.cache, "refcount block")):
+                    try:
+                        cache.flush()
+                    except ImageError as error:
+                        failed = True
+                        self._note(error)
+                        reason = os.strerror(error.errno) if error.errno else str(error)
+                        self.messages.append(f"Failed to flush the {name} cache: {reason}")
+                if not failed and not self.broken:
+                    self.mark_clean()
             self.file.flush()
         finally:
             self.file.close()
+
+    def _note(self, error: ImageError) -> None:
+        notice = getattr(error, "notice", None)
+        if notice:
+            self.messages.append(notice)
 
     def truncate_grow(self, size: int) -> None:
         """Grow the image to ``size`` bytes (qcow2_co_truncate without prealloc)."""

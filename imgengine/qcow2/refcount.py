@@ -131,11 +131,9 @@ class Refcounts:
             cache.tables.move_to_end(block_offset)
             return block
         if block_offset & (self.cluster_size - 1):
-            self.s.signal_corruption(
+            raise self.s.signal_corruption(
                 f"Refblock offset {hexc(block_offset)} unaligned (reftable index: "
                 f"{hexc(table_index)})")
-        self.s.check_metadata_location(block_offset, self.cluster_size,
-                                       f"Refblock (reftable index {hexc(table_index)})")
         return cache.get(block_offset)
 
     # -- reading refcounts ---------------------------------------------------------
@@ -264,7 +262,7 @@ class Refcounts:
                 limit = min((1 << self.s.csize_shift) - 1, MAX_CLUSTER_OFFSET)
                 new_cluster = self.alloc_clusters_noref(cs, limit)
                 if new_cluster == 0:
-                    self.s.signal_corruption("Preventing invalid allocation of compressed "
+                    raise self.s.signal_corruption("Preventing invalid allocation of compressed "
                                              "cluster at offset 0")
                 if not offset or -(-offset // cs) * cs != new_cluster:
                     offset = new_cluster
@@ -419,7 +417,7 @@ class Refcounts:
         if not host:
             return  # unallocated or a plain zero cluster
         if host & (self.cluster_size - 1):
-            s.signal_corruption(f"Cannot free unaligned cluster {hexc(host)}", fatal=False)
+            s.report_corruption(f"Cannot free unaligned cluster {hexc(host)}")
             return
         self.free_clusters(host, self.cluster_size, discard_type)
 
@@ -437,13 +435,18 @@ class Refcounts:
         if table_index < self.table_size:
             block_offset = self.table[table_index] & REFT_OFFSET_MASK
             if block_offset:
+                if block_offset >= self.file.size():
+                    # As for L2 tables: never grow the file to a hostile offset.
+                    raise CorruptImageError(
+                        f"Refblock offset {hexc(block_offset)} lies beyond the end of the "
+                        f"file (reftable index: {hexc(table_index)})", errno=errno.EIO)
                 return self._block(block_offset, table_index), block_offset
 
         # Writing to the refcount table may make L2 tables reachable.
         s.l2_cache.flush()
         new_block = self.alloc_clusters_noref(cs)
         if new_block == 0:
-            s.signal_corruption("Preventing invalid allocation of refcount block at offset 0")
+            raise s.signal_corruption("Preventing invalid allocation of refcount block at offset 0")
 
         if self._same_block(new_block, cluster_index << self.cluster_bits):
             block = self.cache.get_empty(new_block)
