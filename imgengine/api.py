@@ -286,20 +286,24 @@ def _file_identity(file: HostFile) -> tuple[int, int]:
 
 def open_image(filename: str | None = None, *, fmt: str | None = None,
                options: Mapping[str, object] | None = None,
-               read_only: bool = False) -> BlockNode:
+               read_only: bool = False, check: bool = False) -> BlockNode:
     """Open an image and its backing chain.
 
     ``options`` are QEMU blockdev options as a (possibly nested or dotted)
     dict: ``driver``, ``file`` (a name or ``{"driver": "file", "filename":
     ...}``), ``backing`` (None cuts the chain; a name or dict replaces it),
     ``read-only``, ``discard`` ("unmap"/"ignore"), ``cache.no-flush`` and
-    the qcow2 runtime options.
+    the qcow2 runtime options.  ``check`` opens the image as ``qemu-img
+    check`` does (QEMU's BDRV_O_CHECK): a corrupt image may be opened
+    read/write to be repaired, a missing refcount table or broken snapshot
+    table does not stop the open, and a dirty image is not repaired first.
     """
-    return _open(filename, fmt, _flatten(options or {}), read_only, [])
+    return _open(filename, fmt, _flatten(options or {}), read_only, [], check=check)
 
 
 def _open(filename: str | None, fmt: str | None, options: dict[str, object],
-          read_only: bool, chain: list[tuple[int, int]]) -> BlockNode:
+          read_only: bool, chain: list[tuple[int, int]], *,
+          check: bool = False) -> BlockNode:
     options = dict(options)
     driver_name = options.pop("driver", None)
     if driver_name is not None and fmt is not None and driver_name != fmt:
@@ -370,7 +374,8 @@ def _open(filename: str | None, fmt: str | None, options: dict[str, object],
 
         qcow2_options = dict(options)
         qcow2_options["_unmap"] = unmap
-        qdriver = Qcow2Driver.open(file, read_only=read_only, options=qcow2_options)
+        qdriver = Qcow2Driver.open(file, read_only=read_only, options=qcow2_options,
+                                   check_mode=check)
     except BaseException:
         file.close()
         raise

@@ -218,3 +218,21 @@ def test_zero_length_image(tmp_path):
         entries = list(node.map())
         assert len(entries) == 1 and entries[0].length == 0
     assert os.path.getsize(path) == 3 * 65536
+
+
+def test_check_mode_opens_a_corrupt_image_for_repair(chain):
+    base, top = chain
+    from imgengine.qcow2 import format as fmt
+
+    with open(top, "r+b") as f:
+        f.seek(72)
+        features = int.from_bytes(f.read(8), "big")
+        f.seek(72)
+        f.write((features | fmt.INCOMPAT_CORRUPT).to_bytes(8, "big"))
+    with pytest.raises(CorruptImageError, match="cannot be opened read/write"):
+        open_image(top)
+    with open_image(top, check=True) as node:
+        result = node.check(frozenset({"all"}))
+        assert (result.corruptions, result.check_errors) == (0, 0)
+    with open_image(top) as node:  # repaired: the corrupt bit is gone
+        assert node.read(64 * KIB, 4096) == b"\xcc" * 4096
