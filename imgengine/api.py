@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import CorruptImageError, ImageError, OpenError, UnsupportedImageError
 from .hostfile import HostFile
@@ -71,7 +71,11 @@ class CreateOption:
     default: str | None = None
     # Where the option comes from: the format driver or the file protocol.
     origin: str = "format"
-    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def printed_when_unset(self) -> bool:
+        """Whether ``Formatting ...`` lists the option when it was not given."""
+        return self.default is not None
 
 
 # -- option tables ------------------------------------------------------------------------

@@ -102,17 +102,11 @@ class ClusterMapping:
 
     # -- lookups -----------------------------------------------------------------------
 
-    def l2_load(self: Qcow2Driver, offset: int, l2_offset: int, l1_index: int) -> tuple[array, int]:
+    def l2_load(self: Qcow2Driver, offset: int, l2_offset: int) -> tuple[array, int]:
         """The cached L2 slice covering guest ``offset`` and its cache key."""
         index_in_table = (offset >> self.cluster_bits) & (self.l2_size - 1)
-        slice_start = (index_in_table & ~(self.l2_slice_size - 1)) * 8
-        key = l2_offset + slice_start
-        cache = self.l2_cache
-        table = cache.tables.get(key)
-        if table is not None:
-            cache.tables.move_to_end(key)
-            return table, key
-        return cache.get(key), key
+        key = l2_offset + (index_in_table & ~(self.l2_slice_size - 1)) * 8
+        return self.l2_cache.get(key), key
 
     def get_host_offset(self: Qcow2Driver, offset: int, nbytes: int) -> tuple[int, int, int]:
         """(bytes of the same type from ``offset``, host offset or entry, type).
@@ -137,7 +131,7 @@ class ClusterMapping:
                 if l2_offset & (cs - 1):
                     raise self.signal_corruption(f"L2 table offset {hexc(l2_offset)} unaligned "
                                            f"(L1 index: {hexc(l1_index)})")
-                table, _ = self.l2_load(offset, l2_offset, l1_index)
+                table, _ = self.l2_load(offset, l2_offset)
                 entry = table[slice_index]
                 ctype = cluster_type(entry)
                 if self.qcow_version < 3 and ctype in (ZERO_PLAIN, ZERO_ALLOC):
@@ -195,7 +189,7 @@ class ClusterMapping:
             while pos < span_end:
                 first = (pos >> cb) & (slice_entries - 1)
                 slice_end = min(span_end, ((pos >> cb) - first + slice_entries) << cb)
-                table, _ = self.l2_load(pos, l2_offset, l1_index)
+                table, _ = self.l2_load(pos, l2_offset)
                 stop = (((slice_end - 1) >> cb) & (slice_entries - 1)) + 1
                 base = ((pos >> cb) - first) << cb   # guest offset of table[0]
                 i = first
@@ -314,7 +308,7 @@ class ClusterMapping:
                 if old_l2:
                     # Copy the old slice before taking a cache slot for the new
                     # one, so that neither can be evicted half-done.
-                    old_table, _ = self.l2_load_raw(old_l2 + index * slice_bytes, l1_index)
+                    old_table = cache.get(old_l2 + index * slice_bytes)
                     contents = array(old_table.typecode, old_table)
                     table = cache.get_empty(l2_offset + index * slice_bytes)
                     table[:] = contents
@@ -330,14 +324,6 @@ class ClusterMapping:
             self.metadata_changed()
             refcounts.free_clusters(l2_offset, cs, DISCARD_ALWAYS)
             raise
-
-    def l2_load_raw(self: Qcow2Driver, key: int, l1_index: int) -> tuple[array, int]:
-        cache = self.l2_cache
-        table = cache.tables.get(key)
-        if table is not None:
-            cache.tables.move_to_end(key)
-            return table, key
-        return cache.get(key), key
 
     def get_cluster_table(self: Qcow2Driver, offset: int) -> tuple[array, int, int]:
         """The L2 slice for ``offset``, creating or un-sharing the table if needed.
@@ -364,7 +350,7 @@ class ClusterMapping:
             raise CorruptImageError(f"L2 table offset {hexc(l2_offset)} lies beyond the end "
                                     f"of the file (L1 index: {hexc(l1_index)})",
                                     errno=errno.EIO)
-        table, key = self.l2_load(offset, l2_offset, l1_index)
+        table, key = self.l2_load(offset, l2_offset)
         return table, (offset >> cb) & (self.l2_slice_size - 1), key
 
     # -- allocation for writes ---------------------------------------------------------------

@@ -62,10 +62,10 @@ def chains(draw) -> list[Layer]:
     layers = []
     for index in range(depth):
         top = index == depth - 1
-        raw_base = index == 0 and depth > 1 and draw(st.integers(0, 5)) == 0
+        raw_base = index == 0 and draw(st.integers(0, 5)) == 0
         size = draw(st.integers(1, 2048)) * 512
         if raw_base:
-            layers.append(Layer(f"l{index}.img", "raw", size, {}))
+            layers.append(Layer("top.img" if top else f"l{index}.img", "raw", size, {}))
             continue
         options = {"cluster_size": str(draw(st.sampled_from(CLUSTER_SIZES)))}
         if draw(st.integers(0, 4)) == 0:
