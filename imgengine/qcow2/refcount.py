@@ -99,7 +99,8 @@ class Refcounts:
         # Clusters were freed whose unmapping may not be on disk yet.
         self.freed_pending = False
         decode, encode = entry_codec(self.bits, self.block_entries)
-        self.cache = TableCache(self.file, MIN_REFCOUNT_CACHE_SIZE, self.cluster_size,
+        entries = getattr(s, "refcount_cache_entries", MIN_REFCOUNT_CACHE_SIZE)
+        self.cache = TableCache(self.file, entries, self.cluster_size,
                                 decode, encode, before_write=self._before_block_write)
 
     # -- loading ----------------------------------------------------------------
