@@ -91,7 +91,7 @@ class RawDriver(Driver):
         return ImageInfo(filename=self.node.filename, format_name="raw",
                          virtual_size=self.getlength(),
                          actual_size=self.file.allocated_size(), cluster_size=None,
-                         vm_state_offset=None, dirty_flag=None, backing_filename=None,
+                         vm_state_offset=None, dirty_flag=False, backing_filename=None,
                          full_backing_filename=None, backing_format=None,
                          format_specific=None)
 

@@ -270,7 +270,7 @@ class ClusterMapping:
         refcounts = self.refcounts
         new_offset = refcounts.alloc_clusters(new_bytes)
         try:
-            refcounts.cache.flush()
+            self.flush_metadata(refcounts.cache)
             self.check_metadata_write(new_offset, new_bytes, ignore=None)
             self.file.pwrite(new_offset, encode_table(new_table))
             self.file.pwrite(OFFSET_L1_SIZE, struct.pack(">IQ", new_size, new_offset))
@@ -301,7 +301,7 @@ class ClusterMapping:
         try:
             if l2_offset == 0:
                 raise self.signal_corruption("Preventing invalid allocation of L2 table at offset 0")
-            refcounts.cache.flush()
+            self.flush_metadata(refcounts.cache)
             cache = self.l2_cache
             slice_bytes = self.l2_slice_size * 8
             for index in range(cs // slice_bytes):
@@ -315,7 +315,7 @@ class ClusterMapping:
                 else:
                     cache.get_empty(l2_offset + index * slice_bytes)
                 cache.mark_dirty(l2_offset + index * slice_bytes)
-            cache.flush()
+            self.flush_metadata(cache)
             self.l1_table[l1_index] = l2_offset | OFLAG_COPIED
             self.metadata_changed()
             self.write_l1_entry(l1_index)

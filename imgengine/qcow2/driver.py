@@ -136,6 +136,7 @@ class Qcow2Driver(ClusterMapping, Driver):
         self.signaled_corruption = False
         self.broken = False
         self.closing = False
+        self.flush_waits = 0
         self.image_backing_file = header.backing_file
         self.image_backing_format = header.backing_format
         # Lines QEMU prints while opening (the repair of a dirty image), and
@@ -635,7 +636,9 @@ class Qcow2Driver(ClusterMapping, Driver):
         try:
             while remaining > 0:
                 cur = min(remaining, INT_MAX)
+                waits = self.flush_waits
                 handled, host, metas = self.alloc_host_offset(offset, cur)
+                waited = self.flush_waits != waits
                 try:
                     self.check_metadata_write(host, handled, ignore=None)
                 except BaseException:
@@ -651,6 +654,12 @@ class Qcow2Driver(ClusterMapping, Driver):
                 self._handle_alloc_space(metas)
                 if not self._merge_cow(offset, handled, chunk, metas):
                     self.file.pwrite(host, chunk)
+                if waited:
+                    # Allocating this piece waited for the disk (QEMU flushed
+                    # metadata): the earlier pieces completed meanwhile.
+                    while len(in_flight) > 1:
+                        self._complete_write(in_flight[0])
+                        in_flight.pop(0)
                 offset += handled
                 position += handled
                 remaining -= handled
@@ -810,6 +819,15 @@ class Qcow2Driver(ClusterMapping, Driver):
         threshold = max(real_clusters * 10 // 9, real_clusters + 2)
         end_cluster = -(-file_length // self.cluster_size)
         return self.refcounts.count_used(end_cluster, threshold) >= threshold
+
+    def flush_metadata(self, cache: TableCache) -> None:
+        """Write a cache back where QEMU flushes it while allocating.
+
+        QEMU waits for the disk there, and pieces of the same write request
+        that were waiting complete meanwhile; ``pwritev`` follows that.
+        """
+        self.flush_waits += 1
+        cache.flush()
 
     def write_caches(self, *, force_refcounts: bool = False) -> None:
         self.l2_cache.flush()

@@ -444,7 +444,7 @@ class Refcounts:
                 return self._block(block_offset, table_index), block_offset
 
         # Writing to the refcount table may make L2 tables reachable.
-        s.l2_cache.flush()
+        s.flush_metadata(s.l2_cache)
         new_block = self.alloc_clusters_noref(cs)
         if new_block == 0:
             raise s.signal_corruption("Preventing invalid allocation of refcount block at offset 0")
@@ -455,10 +455,10 @@ class Refcounts:
         else:
             # Described by another block; this recurses at most twice.
             self.update(new_block, cs, 1, False, DISCARD_NEVER)
-            self.cache.flush()
+            self.s.flush_metadata(self.cache)
             self.cache.get_empty(new_block)
         self.cache.mark_dirty(new_block)
-        self.cache.flush()
+        self.s.flush_metadata(self.cache)
 
         if table_index < self.table_size:
             s.check_metadata_write(self.table_offset + table_index * REFTABLE_ENTRY_SIZE,
@@ -531,7 +531,7 @@ class Refcounts:
                 for k in range(j, end_index):
                     block[k] = 1
                 self.cache.mark_dirty(this_offset)
-        self.cache.flush()
+        self.s.flush_metadata(self.cache)
 
         raw_table = encode_table(new_table)
         self.file.pwrite(table_offset, raw_table)
