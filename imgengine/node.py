@@ -351,6 +351,32 @@ class BlockNode:
             offset += num
             length -= num
 
+    def truncate(self, size: int, *, exact: bool = True, prealloc: str = "off") -> None:
+        """Resize the image (qemu-io ``truncate``, qemu-img ``resize``).
+
+        ``prealloc`` is QEMU's preallocation mode ("off", "metadata",
+        "falloc", "full"); qcow2 supports "off" here, raw all but
+        "metadata".  When the new area would otherwise show a backing file
+        that is longer than the old size, it is made to read as zero.
+        """
+        if self.closed:
+            raise ImageError("No medium inserted", errno=errno.ENOMEDIUM)
+        if size < 0:
+            raise ImageError("Image size cannot be negative", errno=errno.EINVAL)
+        if size > MAX_IMAGE_LENGTH:
+            raise _io_error(errno.EIO)
+        old_size = self.length()
+        if self.read_only:
+            raise ImageError("Image is read-only", errno=errno.EACCES)
+        zero_new = False
+        if size > old_size and self.backing is not None and self.backing.length() > old_size:
+            zero_new = True
+        truncate = getattr(self.driver, "truncate", None)
+        if truncate is None:
+            raise ImageError("Image format driver does not support resize",
+                             errno=errno.ENOTSUP)
+        truncate(size, exact=exact, prealloc=prealloc, zero_new=zero_new)
+
     def flush(self) -> None:
         self._check_open()
         self.driver.flush()

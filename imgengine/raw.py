@@ -9,10 +9,11 @@ probed rather than named gets QEMU's protection of its first sector.
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from .errors import RequestError
+from .errors import ImageError, RequestError
 from .hostfile import SECTOR_SIZE, HostFile, NotSupported
 from .node import OFFSET_VALID, RAW, Driver, DriverStatus
 
@@ -57,8 +58,6 @@ class RawDriver(Driver):
         end = min(PROBE_BUFFER_SIZE, offset + len(data))
         new_head = head[:start] + bytes(data[:end - start]) + head[end:]
         if probe(new_head + bytes(PROBE_BUFFER_SIZE)):
-            import os
-
             raise RequestError(os.strerror(errno.EPERM), errno=errno.EPERM)
 
     def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
@@ -95,5 +94,29 @@ class RawDriver(Driver):
                          full_backing_filename=None, backing_format=None,
                          format_specific=None)
 
-    def truncate(self, size: int) -> None:
-        self.file.truncate(size)
+    def truncate(self, size: int, *, exact: bool = True, prealloc: str = "off",
+                 zero_new: bool = False) -> None:
+        """Resize the file as file-posix does (raw images have no backing file)."""
+        current = self.file.size()
+        if prealloc not in ("off", "falloc", "full"):
+            raise ImageError(f"Unsupported preallocation mode: {prealloc}",
+                             errno=errno.ENOTSUP)
+        if current > size and prealloc != "off":
+            raise ImageError("Cannot use preallocation for shrinking files",
+                             errno=errno.ENOTSUP)
+        if prealloc == "off":
+            self.file.truncate(size)
+            return
+        try:
+            if prealloc == "falloc":
+                if size != current:
+                    os.posix_fallocate(self.file.fd, current, size - current)
+                    if current == 0:
+                        self.file.write_first_block(size)
+            else:
+                os.ftruncate(self.file.fd, size)
+                self.file.pwrite(current, bytes(size - current))
+        except OSError as exc:
+            os.ftruncate(self.file.fd, current)
+            raise ImageError(f"Could not preallocate new data: {exc.strerror}",
+                             errno=exc.errno) from None

@@ -41,8 +41,10 @@ from .format import (
     OFFSET_INCOMPATIBLE_FEATURES,
     REFT_OFFSET_MASK,
     Header,
+    hexc,
 )
 from .refcount import (
+    DISCARD_ALWAYS,
     DISCARD_OTHER,
     DISCARD_REQUEST,
     DISCARD_SNAPSHOT,
@@ -221,6 +223,7 @@ class Qcow2Driver(ClusterMapping, Driver):
             raw = read(header.l1_table_offset, header.l1_size * L1E_SIZE)
             s.l1_table = fmt.decode_table(raw)
 
+        s.options = dict(options)
         s._apply_options(options)
 
         s.refcounts = Refcounts(s, header.refcount_table_offset,
@@ -880,18 +883,155 @@ class Qcow2Driver(ClusterMapping, Driver):
         if notice:
             self.messages.append(notice)
 
-    def truncate_grow(self, size: int) -> None:
-        """Grow the image to ``size`` bytes (qcow2_co_truncate without prealloc)."""
+    def truncate(self, size: int, *, exact: bool = True, prealloc: str = "off",
+                 zero_new: bool = False) -> None:
+        """Resize the image (qcow2_co_truncate).
+
+        Growing adds L1 room; ``zero_new`` (the generic layer asks for it when
+        a backing file would otherwise show through) makes the new area read
+        as zero.  Shrinking drops the clusters past the new end, the L2 tables
+        and refcount blocks no longer needed, and the file's unused tail.
+        """
+        self._check_usable()
+        if prealloc not in _PREALLOCATION_MODES:
+            raise ImageError(f"Unsupported preallocation mode '{prealloc}'",
+                             errno=errno.ENOTSUP)
         if size % SECTOR_SIZE:
             raise ImageError(f"The new size must be a multiple of {SECTOR_SIZE}",
                              errno=errno.EINVAL)
-        if size < self.total_sectors * SECTOR_SIZE:
-            raise ImageError("qcow2 doesn't support shrinking images yet", errno=errno.ENOTSUP)
+        if self.snapshots and self.qcow_version < 3:
+            raise ImageError("Can't resize a v2 image which has snapshots",
+                             errno=errno.ENOTSUP)
+        cs = self.cluster_size
+        old_length = self.total_sectors * SECTOR_SIZE
         new_l1_size = self.size_to_l1(size)
-        self.grow_l1_table(new_l1_size, True)
+        if size < old_length:
+            if prealloc != "off":
+                raise ImageError("Preallocation can't be used for shrinking an image",
+                                 errno=errno.EINVAL)
+            start = -(-size // cs) * cs
+            try:
+                self.cluster_discard(start, max(0, old_length - start), DISCARD_ALWAYS, True)
+            except ImageError as exc:
+                raise exc.prefixed("Failed to discard cropped clusters: ") from None
+            self.shrink_l1_table(new_l1_size)
+            self.shrink_reftable()
+            old_file_size = self.file.length()
+            last_cluster = self.last_used_cluster(old_file_size)
+            if (last_cluster + 1) * cs < old_file_size:
+                try:
+                    os.ftruncate(self.file.fd, (last_cluster + 1) * cs)
+                except OSError as exc:
+                    self.messages.append(f"Failed to truncate the tail of the image: "
+                                         f"{os.strerror(exc.errno)}")
+        else:
+            try:
+                self.grow_l1_table(new_l1_size, True)
+            except ImageError as exc:
+                raise exc.prefixed("Failed to grow the L1 table: ") from None
+            if prealloc != "off":
+                raise UnsupportedImageError(f"Preallocation mode '{prealloc}' is not "
+                                            f"supported for qcow2 images", errno=errno.ENOTSUP)
+        if zero_new and size > old_length:
+            zero_start = -(-old_length // cs) * cs
+            if size > zero_start:
+                try:
+                    self.subcluster_zeroize(zero_start, size - zero_start, False)
+                except NotSupported:
+                    raise ImageError("Failed to zero out new clusters: Operation not supported",
+                                     errno=errno.ENOTSUP) from None
+            if zero_start > old_length:
+                length = min(zero_start, size) - old_length
+                self.pwritev(old_length, memoryview(bytes(length)))
         self.total_sectors = size // SECTOR_SIZE
         self.file.pwrite(fmt.OFFSET_SIZE, struct.pack(">Q", size))
         self.l1_vm_state_index = new_l1_size
+        # The cache geometry follows the image size, as QEMU's does.
+        self.write_caches(force_refcounts=True)
+        self._apply_options(dict(self.options))
+        self.refcounts.cache = TableCache(
+            self.file, self.refcount_cache_entries, cs, self.refcounts.cache.decode,
+            self.refcounts.cache.encode, before_write=self.refcounts.cache.before_write)
+        self.metadata_prealloc = None
+
+    def truncate_grow(self, size: int) -> None:
+        """Grow a freshly created image to ``size`` bytes (qemu-img create)."""
+        self.truncate(size)
+
+    def shrink_l1_table(self, new_size: int) -> None:
+        """Forget the L2 tables past ``new_size`` L1 entries (qcow2_shrink_l1_table)."""
+        if new_size >= self.l1_size:
+            return
+        self.file.write_zeroes_or_fill(self.l1_table_offset + new_size * L1E_SIZE,
+                                       (self.l1_size - new_size) * L1E_SIZE)
+        for index in range(self.l1_size - 1, new_size - 1, -1):
+            l2_offset = self.l1_table[index] & L1E_OFFSET_MASK
+            if not l2_offset:
+                continue
+            self.refcounts.free_clusters(l2_offset, self.cluster_size, DISCARD_ALWAYS)
+            self.l1_table[index] = 0
+        self.metadata_changed()
+
+    def shrink_reftable(self) -> None:
+        """Drop refcount blocks that describe nothing any more (qcow2_shrink_reftable)."""
+        refcounts = self.refcounts
+        table = refcounts.table
+        kept = array("Q", table)
+        for index in range(refcounts.table_size):
+            block_offset = table[index] & REFT_OFFSET_MASK
+            if not block_offset:
+                kept[index] = 0
+                continue
+            block = refcounts._block(block_offset, index)
+            in_use = len(block) - block.count(0)
+            if index == block_offset >> (self.cluster_bits + refcounts.block_bits):
+                # The block describes itself: that reference does not count.
+                own = (block_offset >> self.cluster_bits) & (refcounts.block_entries - 1)
+                if block[own]:
+                    in_use -= 1
+            unused = in_use == 0
+            if unused:
+                kept[index] = 0
+        self.file.pwrite(refcounts.table_offset, fmt.encode_table(kept))
+        for index in range(refcounts.table_size):
+            if table[index] and not kept[index]:
+                self._discard_refcount_block(table[index] & REFT_OFFSET_MASK)
+                table[index] = 0
+        refcounts._update_max_table_index()
+        self.metadata_changed()
+        if not refcounts.cache_discards:
+            refcounts.process_discards(True)
+
+    def _discard_refcount_block(self, block_offset: int) -> None:
+        refcounts = self.refcounts
+        cluster_index = block_offset >> self.cluster_bits
+        table_index = cluster_index >> refcounts.block_bits
+        covering = refcounts.table[table_index] & REFT_OFFSET_MASK \
+            if table_index < refcounts.table_size else 0
+        if not covering:
+            raise self.signal_corruption(f"Refblock at {hexc(block_offset)} is not covered by "
+                                         f"the refcount structures")
+        block = refcounts._block(covering, table_index)
+        position = cluster_index & (refcounts.block_entries - 1)
+        if block[position] != 1:
+            raise self.signal_corruption(
+                f"Invalid refcount: refblock offset {hexc(covering)}, reftable index "
+                f"{table_index}, block offset {hexc(block_offset)}, refcount "
+                f"{hexc(block[position])}")
+        block[position] = 0
+        refcounts.cache.mark_dirty(covering)
+        if cluster_index < refcounts.free_cluster_index:
+            refcounts.free_cluster_index = cluster_index
+        refcounts.cache.discard(block_offset)
+        refcounts._queue_discard(block_offset, self.cluster_size)
+
+    def last_used_cluster(self, size: int) -> int:
+        """The last cluster below ``size`` bytes with a refcount (qcow2_get_last_cluster)."""
+        get = self.refcounts.get
+        for index in range(-(-size // self.cluster_size) - 1, -1, -1):
+            if get(index) > 0:
+                return index
+        raise self.signal_corruption("There are no references in the refcount table.")
 
     # -- info and check ----------------------------------------------------------------------
 

@@ -223,3 +223,62 @@ def test_write_compressed_matches_qemu(qemu, tmp_path, cluster_size):
         with pytest.raises(ImageError) as info:
             node.write_compressed(cs // 2, b"\x44" * cs)
         assert info.value.errno == errno.EINVAL
+
+
+TRUNCATE_CASES = [
+    # (image options, backing size or None, writes before, new size)
+    ({"cluster_size": "65536"}, None, ["write -P 0x11 0 300k"], 4 * MIB),
+    ({"cluster_size": "65536"}, None, ["write -P 0x11 0 300k"], 128 * KIB + 512),
+    ({"cluster_size": "512"}, None, ["write -P 0x22 0 1M", "write -P 0x23 3M 64k"], 1 * MIB),
+    ({"cluster_size": "512", "refcount_bits": "64"}, None, ["write -P 0x24 0 3M"], 4096),
+    ({"cluster_size": "4096", "compat": "0.10"}, None, ["write -P 0x25 0 2M"], 6 * MIB),
+    ({"cluster_size": "4096"}, 4 * MIB, ["write -P 0x26 4096 4096"], 3 * MIB + 512),
+    ({"cluster_size": "65536"}, 4 * MIB, [], 6 * MIB),
+]
+
+
+@pytest.mark.parametrize("options,backing_size,writes,new_size", TRUNCATE_CASES)
+def test_truncate_matches_qemu(qemu, tmp_path, options, backing_size, writes, new_size):
+    paths = {}
+    for side in ("qemu", "engine"):
+        directory = tmp_path / side
+        directory.mkdir()
+        path = str(directory / "t.qcow2")
+        opts = dict(options)
+        if backing_size is not None:
+            base = str(directory / "base.qcow2")
+            qemu.create(base, "qcow2", backing_size)
+            qemu.io(base, f"write -P 0x77 0 {backing_size}")
+            opts.update(backing_file="base.qcow2", backing_fmt="qcow2")
+        qemu.create(path, "qcow2", 1 * MIB if backing_size else 4 * MIB, opts)
+        for command in writes:
+            qemu.io(path, command)
+        paths[side] = path
+    qemu.io(paths["qemu"], f"truncate {new_size}", extra=("-t", "writeback"))
+    with open_image(paths["engine"]) as node:
+        node.truncate(new_size)
+    assert open(paths["engine"], "rb").read() == open(paths["qemu"], "rb").read()
+    assert qemu.engine_map(paths["engine"]) == qemu.map(paths["qemu"])
+    report = qemu.check(paths["engine"])
+    assert report.get("corruptions", 0) == 0 and report.get("leaks", 0) == 0
+    with open_image(paths["engine"], read_only=True) as node:
+        assert node.length() == new_size
+
+
+def test_truncate_errors(tmp_path):
+    path = str(tmp_path / "t.qcow2")
+    create_image(path, "qcow2", {"size": str(MIB)})
+    with open_image(path, read_only=True) as node:
+        with pytest.raises(ImageError, match="^Image is read-only$"):
+            node.truncate(2 * MIB)
+    with open_image(path) as node:
+        with pytest.raises(ImageError, match="^Image size cannot be negative$"):
+            node.truncate(-1)
+        with pytest.raises(ImageError, match="^The new size must be a multiple of 512$"):
+            node.truncate(1000)
+    raw = str(tmp_path / "r.raw")
+    create_image(raw, "raw", {"size": str(MIB)})
+    with open_image(raw, fmt="raw") as node:
+        node.truncate(3 * MIB + 100)
+        assert node.length() == 3 * MIB + 512
+    assert os.path.getsize(raw) == 3 * MIB + 100
