@@ -294,8 +294,10 @@ def open_image(filename: str | None = None, *, fmt: str | None = None,
     """Open an image and its backing chain.
 
     ``options`` are QEMU blockdev options as a (possibly nested or dotted)
-    dict: ``driver``, ``file`` (a name or ``{"driver": "file", "filename":
-    ...}``), ``backing`` (None cuts the chain; a name or dict replaces it),
+    dict: ``driver``, ``file`` (``{"driver": "file", "filename": ...}``;
+    a plain string is a node reference, as in QEMU, which the engine cannot
+    resolve), ``backing`` (None or "" cuts the chain; a dict of options
+    replaces it; a string is again a node reference),
     ``read-only``, ``discard`` ("unmap"/"ignore"), ``cache.no-flush`` and
     the qcow2 runtime options.  ``check`` opens the image as ``qemu-img
     check`` does (QEMU's BDRV_O_CHECK): a corrupt image may be opened
@@ -324,11 +326,19 @@ def _open(filename: str | None, fmt: str | None, options: dict[str, object],
         if name is not None:
             filename = str(name)
     elif file_option is not None:
-        filename = str(file_option)
+        # A string names another node (QEMU's node reference); the engine
+        # opens no nodes by name.
+        raise _no_such_node(str(file_option))
     if "filename" in options:
         filename = str(options.pop("filename"))
     if filename is None:
-        raise OpenError("The 'file' block driver requires a file name", errno=errno.EINVAL)
+        if isinstance(file_option, Mapping):
+            raise OpenError("The 'file' block driver requires a file name",
+                            errno=errno.EINVAL)
+        if driver_name is not None or fmt is not None:
+            raise OpenError('A block device must be specified for "file"',
+                            errno=errno.EINVAL)
+        raise OpenError("Must specify either driver or file", errno=errno.EINVAL)
     if filename.startswith("file:"):
         filename = filename[len("file:"):]
     if "read-only" in options:
@@ -388,12 +398,12 @@ def _open(filename: str | None, fmt: str | None, options: dict[str, object],
     try:
         backing = None
         if has_backing_option:
-            if backing_option is not None:
-                if isinstance(backing_option, Mapping):
-                    backing = _open(None, None, dict(backing_option), True,
-                                    chain + [identity])
-                else:
-                    backing = _open(str(backing_option), None, {}, True, chain + [identity])
+            if isinstance(backing_option, Mapping):
+                backing = _open(None, None, dict(backing_option), True, chain + [identity])
+            elif backing_option is not None and str(backing_option) != "":
+                # As with "file": a string names another node ("" means none).
+                raise _no_such_node(str(backing_option)).prefixed(
+                    "Could not open backing file: ")
         elif qdriver.image_backing_file:
             backing = _open_backing(qdriver, filename, chain + [identity])
         node.backing = backing
@@ -401,6 +411,11 @@ def _open(filename: str | None, fmt: str | None, options: dict[str, object],
         node.close()
         raise
     return node
+
+
+def _no_such_node(reference: str) -> OpenError:
+    return OpenError(f"Cannot find device='{reference}' nor node-name='{reference}'",
+                     errno=errno.ENODEV)
 
 
 def _open_backing(driver: object, overlay: str, chain: list[tuple[int, int]]) -> BlockNode:

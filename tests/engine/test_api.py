@@ -236,3 +236,23 @@ def test_check_mode_opens_a_corrupt_image_for_repair(chain):
         assert (result.corruptions, result.check_errors) == (0, 0)
     with open_image(top) as node:  # repaired: the corrupt bit is gone
         assert node.read(64 * KIB, 4096) == b"\xcc" * 4096
+
+
+@pytest.mark.parametrize("image_opts,options", [
+    ("driver=qcow2,file=somenode", {"driver": "qcow2", "file": "somenode"}),
+    ("driver=qcow2,file.filename={top},backing=null",
+     {"driver": "qcow2", "file.filename": "{top}", "backing": "null"}),
+    ("driver=qcow2", {"driver": "qcow2"}),
+])
+def test_node_references_and_missing_files_match_qemu(qemu, chain, image_opts, options):
+    base, top = chain
+    result = qemu.run(qemu.img, "map", "--image-opts", image_opts.format(top=top), check=False)
+    prefix = f"qemu-img: Could not open '{image_opts.format(top=top)}': "
+    assert result.stderr.startswith(prefix)
+    options = {key: value.format(top=top) for key, value in options.items()}
+    with pytest.raises(OpenError) as info:
+        open_image(None, options=options)
+    assert prefix + str(info.value) == result.stderr.strip()
+    # An empty string cuts the chain, like null.
+    with open_image(top, options={"backing": ""}) as node:
+        assert node.backing is None
