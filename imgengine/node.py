@@ -101,6 +101,12 @@ class Driver:
     def pwritev_compressed(self, offset: int, data: memoryview) -> None:
         raise _io_error(errno.ENOTSUP)
 
+    def save_vmstate(self, position: int, data: memoryview) -> None:
+        raise _io_error(errno.ENOTSUP)
+
+    def load_vmstate(self, position: int, length: int) -> bytes:
+        raise _io_error(errno.ENOTSUP)
+
     def pdiscard(self, offset: int, length: int) -> None:
         raise NotSupported()
 
@@ -270,6 +276,24 @@ class BlockNode:
         self.driver.pwritev(offset, view)
         if fua:
             self.driver.flush()
+
+    def write_vmstate(self, position: int, data: bytes | bytearray | memoryview) -> None:
+        """Write VM state (qemu-io ``write -b``): qcow2 keeps it past the disk."""
+        view = memoryview(data).cast("B")
+        self._check_open()
+        self._check_vmstate_request(position, len(view))
+        self.driver.save_vmstate(position, view)
+
+    def read_vmstate(self, position: int, length: int) -> bytes:
+        """Read VM state back (qemu-io ``read -b``)."""
+        self._check_open()
+        self._check_vmstate_request(position, length)
+        return self.driver.load_vmstate(position, length)
+
+    def _check_vmstate_request(self, position: int, length: int) -> None:
+        if position < 0 or length < 0 or length > REQUEST_MAX_BYTES \
+                or position > MAX_IMAGE_LENGTH - length:
+            raise _io_error(errno.EIO)
 
     def write_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write whole clusters compressed (qemu-io ``write -c``, convert -c).

@@ -681,6 +681,24 @@ class Qcow2Driver(ClusterMapping, Driver):
             self.link_l2(metas[0])
             metas.pop(0)
 
+    def _vmstate_offset(self, position: int, length: int) -> int:
+        base = self.l1_vm_state_index << (self.cluster_bits + self.l2_bits)
+        if fmt.INT64_MAX - position < base or position + base > fmt.INT64_MAX - length:
+            raise RequestError(os.strerror(errno.EIO), errno=errno.EIO)
+        return base + position
+
+    def save_vmstate(self, position: int, data: memoryview) -> None:
+        """VM state lives past the end of the disk, in the same clusters."""
+        self._check_usable()
+        if len(data):
+            self.pwritev(self._vmstate_offset(position, len(data)), data)
+
+    def load_vmstate(self, position: int, length: int) -> bytes:
+        self._check_usable()
+        if not length:
+            return b""
+        return self.preadv(self._vmstate_offset(position, length), length)
+
     def pwritev_compressed(self, offset: int, data: memoryview) -> None:
         """qcow2_co_pwritev_compressed_part, one cluster after the other."""
         self._check_usable()

@@ -282,3 +282,26 @@ def test_truncate_errors(tmp_path):
         node.truncate(3 * MIB + 100)
         assert node.length() == 3 * MIB + 512
     assert os.path.getsize(raw) == 3 * MIB + 100
+
+
+def test_vmstate_matches_qemu(qemu, tmp_path):
+    qpath = str(tmp_path / "qemu.qcow2")
+    epath = str(tmp_path / "engine.qcow2")
+    for path in (qpath, epath):
+        qemu.create(path, "qcow2", 1 * MIB + 512, {"cluster_size": "4096"})
+    qemu.io(qpath, "write -b -P 0x33 1024 5120")
+    qemu.io(qpath, "write -P 0x44 0 4096")
+    with open_image(epath) as node:
+        node.write_vmstate(1024, b"\x33" * 5120)
+    with open_image(epath) as node:
+        node.write(0, b"\x44" * 4096)
+        assert node.read_vmstate(1024, 5120) == b"\x33" * 5120
+        assert node.read_vmstate(0, 1024) == bytes(1024)
+    assert open(epath, "rb").read() == open(qpath, "rb").read()
+    assert qemu.engine_map(epath) == qemu.map(qpath)
+    raw = str(tmp_path / "r.raw")
+    create_image(raw, "raw", {"size": str(MIB)})
+    with open_image(raw, fmt="raw") as node:
+        with pytest.raises(ImageError) as info:
+            node.write_vmstate(0, b"x" * 512)
+        assert info.value.errno == errno.ENOTSUP
