@@ -339,7 +339,8 @@ def _shrink_and_write(tally: Tally, settings: Settings, jobs: int, args: argpars
               f"{'' if result.complete else ', budget spent'})", file=err)
         if shrunk.difference is None:
             out.write(f"\n=== case {shrunk.index}: the disagreement did not come back when "
-                      "the case ran again (not deterministic); nothing written ===\n")
+                      "the case ran again (not deterministic, or the code under test "
+                      "changed since); nothing written ===\n")
             written.append((shrunk, None))
             continue
         final = reveal(result.case, shrunk.difference)
@@ -397,7 +398,7 @@ def _summary(tally: Tally, settings: Settings, args: argparse.Namespace,
     for shrunk, finding in written:
         if shrunk.difference is None:
             lines.append(f"  finding        case {shrunk.index}: did not disagree again "
-                         "(not deterministic); not written")
+                         "(not deterministic, or the code changed); not written")
             continue
         where = finding.case_file if finding else "already in the findings folder"
         status = "" if finding is None else (
