@@ -63,6 +63,15 @@ def _translate_errno(err: int) -> int:
     return err
 
 
+_MAX_OFFSET = (1 << 63) - 1
+
+
+def _check_range(offset: int, length: int) -> None:
+    # What the generic block layer refuses before any request reaches a file.
+    if offset < 0 or length < 0 or offset > _MAX_OFFSET - length:
+        raise RequestError(os.strerror(errno.EIO), errno=errno.EIO)
+
+
 class NotSupported(Exception):
     """QEMU's -ENOTSUP: the caller should fall back to another way."""
 
@@ -114,6 +123,7 @@ class HostFile:
         """Read ``length`` bytes; what lies past the end of file reads as zero."""
         if length <= 0:
             return b""
+        _check_range(offset, length)
         try:
             data = os.pread(self.fd, length, offset)
             while len(data) < length:
@@ -129,6 +139,7 @@ class HostFile:
         """Fill ``buf`` from ``offset``; past the end of file it reads zeroes."""
         done = 0
         total = len(buf)
+        _check_range(offset, total)
         try:
             while done < total:
                 got = os.preadv(self.fd, [buf[done:]], offset + done)
@@ -144,6 +155,7 @@ class HostFile:
         view = memoryview(data).cast("B") if not isinstance(data, bytes) else data
         done = 0
         total = len(view)
+        _check_range(offset, total)
         self.written = True
         try:
             while done < total:
@@ -158,6 +170,7 @@ class HostFile:
     def pwritev(self, offset: int, buffers: list) -> None:
         """Write several buffers back to back in one system call when possible."""
         total = sum(len(b) for b in buffers)
+        _check_range(offset, total)
         self.written = True
         try:
             written = os.pwritev(self.fd, buffers, offset)
@@ -177,6 +190,7 @@ class HostFile:
         """
         if length <= 0:
             return
+        _check_range(offset, length)
         self.written = True
         if may_unmap:
             err = _translate_errno(_fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
@@ -234,6 +248,7 @@ class HostFile:
         """Give a range back to the file system (punch a hole); advisory."""
         if length <= 0 or not self.has_discard:
             return
+        _check_range(offset, length)
         self.written = True
         err = _translate_errno(_fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                                           offset, length))
@@ -295,7 +310,7 @@ class HostFile:
         Without ``want_zero`` everything is data, as file-posix answers then.
         """
         total = self.length()
-        if offset >= total:
+        if offset >= total or offset < 0:
             return STATUS_EOF, 0
         if length <= 0:
             return 0, 0
