@@ -155,7 +155,7 @@ def main(tool: ImgTool, argv: list[str]) -> int:
         return 1
 
     node = open_image(tool, filename, fmt, image_opts, read_only=not fix,
-                      force_share=force_share)
+                      force_share=force_share, check=True)
     try:
         try:
             record = _collect(tool, node, filename, fix)

@@ -23,7 +23,8 @@ from pyqemu.opening import (
 
 def open_image(tool: ImgTool, filename: str, fmt: str | None, image_opts: bool,
                *, read_only: bool, without_backing: bool = False,
-               force_share: bool = False, failure_status: int = 1) -> Any:
+               force_share: bool = False, failure_status: int = 1,
+               check: bool = False) -> Any:
     """Open one image the way qemu-img's img_open does, or raise Exit."""
     import imgengine
 
@@ -54,7 +55,7 @@ def open_image(tool: ImgTool, filename: str, fmt: str | None, image_opts: bool,
         request.flat["backing"] = None
         request.options = dict(request.options or {}, backing=None)
     try:
-        node = open_node(request, read_only)
+        node = open_node(request, read_only, check=check)
     except (imgengine.ImageError, OSError) as error:
         print_notice(console, error)
         tool.error(f"Could not open '{filename}': {error_text(error)}")

@@ -78,11 +78,12 @@ def force_share_conflict(request: OpenRequest) -> bool:
     return value is not None and value not in ("on", True)
 
 
-def open_node(request: OpenRequest, read_only: bool) -> Any:
-    """imgengine.open_image for the request (the engine raises ImageError)."""
+def open_node(request: OpenRequest, read_only: bool, *, check: bool = False) -> Any:
+    """imgengine.open_image for the request (the engine raises ImageError);
+    `check` opens as qemu-img check does (BDRV_O_CHECK)."""
     import imgengine
     return imgengine.open_image(request.filename, fmt=request.fmt, options=request.options,
-                                read_only=read_only)
+                                read_only=read_only, check=check)
 
 
 def print_notice(console: Console, error: BaseException) -> None:

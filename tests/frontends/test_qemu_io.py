@@ -28,11 +28,6 @@ def _id(commands) -> str:
 ENGINE_GAPS = {
     "read -b 0 512": "the engine keeps no VM state (qemu-io read -b/write -b)",
     "write -b 0 512": "the engine keeps no VM state (qemu-io read -b/write -b)",
-    "close ; open -o driver=qcow2 ; length":
-        "engine words a missing file name differently from QEMU",
-    "truncate 2M ; length": "BlockNode has no truncate",
-    "--image-opts -c length top.qcow2":
-        "engine words options without driver and file differently from QEMU",
 }
 
 
