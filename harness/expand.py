@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import filters
-from harness.expr import PathRef, Value, interpolate
+from harness.expr import PathRef, Value, describe_value, interpolate
 from harness.schema import (
     QEMU_IMG,
     QEMU_IO,
@@ -121,7 +121,7 @@ class Expander:
     def text(self, node: Node, scope: Scope, what: str, *, allow_empty: bool = True) -> str:
         value = self.value(node, scope, what)
         if value is None or isinstance(value, bool):
-            raise self.fail(node, f"{what} must be a text, not {_describe(value)}")
+            raise self.fail(node, f"{what} must be a text, not {describe_value(value)}")
         text = str(value)
         if not allow_empty and not text.strip():
             raise self.fail(node, f"{what} must not be empty")
@@ -503,10 +503,3 @@ class Expander:
             raise self.fail(value, f"'remove {image.name}' takes no value")
         return Remove(line, file=image.file, via=via)
 
-
-def _describe(value: Value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    return repr(value)

@@ -164,7 +164,7 @@ class _Parser:
         if not arithmetic:
             return value
         if isinstance(value, bool) or value is None:
-            raise ValueError(f"variable {name!r} is {_describe(value)}, not a number")
+            raise ValueError(f"variable {name!r} is {describe_value(value)}, not a number")
         if isinstance(value, int):
             return value
         number = parse_size_literal(value)
@@ -173,7 +173,8 @@ class _Parser:
         return number
 
 
-def _describe(value: Value) -> str:
+def describe_value(value: Value) -> str:
+    """How a case value is named in an error message."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -220,7 +221,7 @@ def interpolate(text: str, variables: Mapping[str, Value],
         if isinstance(value, PathRef):
             return render_path(value)
         if value is None or isinstance(value, bool):
-            raise ValueError(f"'${{{match.group(2)}}}' is {_describe(value)} "
+            raise ValueError(f"'${{{match.group(2)}}}' is {describe_value(value)} "
                              "and cannot be part of a text")
         return resolve_deferred(str(value), render_path)
 
