@@ -241,14 +241,12 @@ def read_body(session: IoSession, argv: list[str]) -> int:
             return -EINVAL
 
     started = time.monotonic_ns()
-    if vmstate:
-        error_code = ENOTSUP        # the engine keeps no VM state
-        mismatch = False
-        kept = b""
+    if vmstate and count > INT_MAX:
+        error_code, mismatch, kept = ERANGE, False, b""
     else:
         error_code, mismatch, kept = _read_checked(
             session, offset, count, pattern if pattern_flag else None,
-            pattern_offset, pattern_count, keep=verbose and not quiet)
+            pattern_offset, pattern_count, keep=verbose and not quiet, vmstate=vmstate)
     elapsed = _elapsed(started)
     if error_code:
         session.out(f"read failed: {strerror(error_code)}\n")
@@ -267,8 +265,12 @@ def read_body(session: IoSession, argv: list[str]) -> int:
 
 
 def _read_checked(session: IoSession, offset: int, count: int, pattern: int | None,
-                  check_start: int, check_count: int, keep: bool) -> tuple[int, bool, bytes]:
-    """Read a request chunk by chunk: (errno or 0, pattern mismatch, data if kept)."""
+                  check_start: int, check_count: int, keep: bool,
+                  vmstate: bool = False) -> tuple[int, bool, bytes]:
+    """Read a request chunk by chunk: (errno or 0, pattern mismatch, data if kept).
+
+    With vmstate the request reads the VM state (qemu-io ``read -b``) rather
+    than the guest disk."""
     import imgengine
 
     node = session.node
@@ -276,18 +278,19 @@ def _read_checked(session: IoSession, offset: int, count: int, pattern: int | No
     kept = bytearray()
     check_end = check_start + check_count
     # one reused buffer when the engine can read into it (BlockNode.read_into)
-    read_into = getattr(node, "read_into", None)
+    read_into = None if vmstate else getattr(node, "read_into", None)
+    read = node.read_vmstate if vmstate else node.read
     buffer = memoryview(bytearray(min(count, CHUNK))) if read_into is not None else None
     expected = bytes([pattern]) * min(count, CHUNK) if pattern is not None else b""
     try:
         if count == 0:
-            node.read(offset, 0)
+            read(offset, 0)
         for piece_offset, piece_length in chunks(offset, count):
             if buffer is not None:
                 data: bytes | memoryview = buffer[:piece_length]
                 read_into(piece_offset, data)
             else:
-                data = node.read(piece_offset, piece_length)
+                data = read(piece_offset, piece_length)
             if keep:
                 kept += data
             if pattern is not None and not mismatch:
@@ -465,7 +468,7 @@ def write_body(session: IoSession, argv: list[str]) -> int:
 
     started = time.monotonic_ns()
     if vmstate:
-        error_code = ENOTSUP        # the engine keeps no VM state
+        error_code = _write_vmstate(session, offset, count, fill)
     elif zeroes:
         error_code = _write_zeroes(session, offset, count, may_unmap, fua or session.writethrough,
                                    no_fallback)
@@ -520,6 +523,26 @@ def _write_data(session: IoSession, offset: int, count: int, fill: _Pattern,
     except (imgengine.ImageError, OSError) as error:
         code = session.failed(error)
         return code
+    return 0
+
+
+def _write_vmstate(session: IoSession, offset: int, count: int, fill: _Pattern) -> int:
+    """qemu-io ``write -b``: save VM state; 0 or the errno it failed with."""
+    import imgengine
+
+    if count > INT_MAX:
+        return ERANGE
+    node = session.node
+    try:
+        if count == 0:
+            node.write_vmstate(offset, b"")
+        for piece_offset, piece_length in chunks(offset, count):
+            node.write_vmstate(piece_offset, fill.piece(piece_offset - offset, piece_length))
+        # blk_save_vmstate flushes a whole save when the cache is write-through
+        if session.writethrough:
+            node.flush()
+    except (imgengine.ImageError, OSError) as error:
+        return session.failed(error)
     return 0
 
 

@@ -25,10 +25,7 @@ def _id(commands) -> str:
 
 # Where the engine does not (yet) do what QEMU does; strict, so that each
 # flips to a failure (and is removed here) once the engine catches up.
-ENGINE_GAPS = {
-    "read -b 0 512": "the engine keeps no VM state (qemu-io read -b/write -b)",
-    "write -b 0 512": "the engine keeps no VM state (qemu-io read -b/write -b)",
-}
+ENGINE_GAPS: dict[str, str] = {}
 
 
 def _with_gaps(cases, name):
@@ -127,6 +124,17 @@ COMMAND_CASES = [
     ["write -c 1000k 24k", "read -P 0xcd 1000k 24k"],
     ["write -c 512 64k"],
     ["write -b 0 512"],
+    ["write -b -P 0x33 1M 4k", "read -b -P 0x33 1M 4k", "read -b -v 1M 32", "read -P 0 0 4k"],
+    ["write -b -P 0x44 0 64k", "read -b -P 0x44 -s 512 -l 1k 0 64k", "info", "map"],
+    ["write -b -q 10G 512", "read -b -C 10G 512"],
+    ["write -b -s pattern.bin 512 1k", "read -b -v 512 64"],
+    ["write -b 0 0", "read -b 0 0"],
+    ["write -b 1 512"],
+    ["read -b 0 100"],
+    ["read -b 0 3G"],
+    ["write -b 0 3G"],
+    ["reopen -r", "write -b 0 512"],
+    ["close", "open -t writethrough top.qcow2", "write -b 0 512", "read -b -P 0xcd 0 512"],
     ["write -p 0 512"],
     ["write -x 0 512"],
     ["write 0"],
@@ -238,6 +246,7 @@ IMAGE_CASES = [
     ["-r", "-c", "read -P 0x11 0 512", "-c", "discard 0 512", "top.qcow2"],
     ["-f", "raw", "-c", "read -P 0 0 512", "-c", "info", "-c", "map", "r.raw"],
     ["-f", "raw", "-c", "write -P 3 4k 4k", "-c", "alloc 0 1M", "-c", "length", "r.raw"],
+    ["-f", "raw", "-c", "write -b 0 512", "-c", "read -b 0 512", "r.raw"],
     ["-f", "qcow2", "-c", "length", "r.raw"],
     ["-f", "raw", "-c", "length", "top.qcow2"],
     ["-f", "nope", "-c", "length", "top.qcow2"],
