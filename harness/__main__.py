@@ -60,7 +60,7 @@ def bless(cases: list[str]) -> int:
 
 
 def run(case_file: str, backend_name: str, raw: bool) -> int:
-    from harness.backends import BACKENDS, get_backend
+    from harness.backends import BACKENDS, BackendError, get_backend
     from harness.loader import load_case
     from harness.runner import run_case
     from harness.schema import CaseError, Command
@@ -79,7 +79,11 @@ def run(case_file: str, backend_name: str, raw: bool) -> int:
     if reason is not None:
         print(f"harness run: {backend_name} backend: {reason}", file=sys.stderr)
         return 2
-    transcript = run_case(case, backend)
+    try:
+        transcript = run_case(case, backend)
+    except BackendError as error:
+        print(f"harness run: {backend_name} backend: {error}", file=sys.stderr)
+        return 2
     for piece in transcript.pieces:
         if raw and isinstance(piece.step, Command):
             sys.stdout.write(f"$ {piece.step.display()}\n")

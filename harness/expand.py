@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +70,28 @@ class Block:
     line: int
     params: tuple[str, ...]
     steps: Seq
+
+
+def create_options(path: Path, node: Node, value_of: Callable[[Node, str], Value],
+                   owner: str) -> dict[str, str | None]:
+    """An `options:` mapping as qemu-img -o values (booleans as on/off; None
+    where the case unsets an option). `owner` names where size, cluster_size
+    and the backing belong instead, for the error."""
+    expect(path, node, Map, "options")
+    assert isinstance(node, Map)
+    result: dict[str, str | None] = {}
+    for key, value in node.items():
+        name = str(key.value)
+        if not OPTION_NAME.fullmatch(name):
+            raise CaseError(path, key.line, f"{name!r} is not a qemu-img option name")
+        if name in ("size", "cluster_size", "backing_file", "backing_fmt"):
+            raise CaseError(path, key.line, f"give {name} as {owner} own key, "
+                                            "not under options")
+        option = value_of(value, f"option {name!r}")
+        if isinstance(option, bool):
+            option = "on" if option else "off"
+        result[name] = None if option is None else str(option)
+    return result
 
 
 def expect(path: Path, node: Node, kind: type, what: str) -> None:
@@ -392,7 +414,9 @@ class Expander:
                                              "(or a backing image to take it from)")
         if cluster_size is None and image.format == "qcow2" and self.format == "qcow2":
             cluster_size = self.cluster_size
-        optstr = [f"{name}={val}" for name, val in create_opts.items() if val is not None]
+        # qemu-img reads ",," as a comma inside a value, so a value cannot add options
+        optstr = [f"{name}={val.replace(',', ',,')}" for name, val in create_opts.items()
+                  if val is not None]
         if cluster_size is not None:
             optstr.append(f"cluster_size={cluster_size}")
         args = ["create", "-f", image.format]
@@ -427,21 +451,8 @@ class Expander:
         return name
 
     def create_options(self, node: Node, scope: Scope) -> dict[str, str | None]:
-        expect(self.path, node, Map, "options")
-        assert isinstance(node, Map)
-        result: dict[str, str | None] = {}
-        for key, value in node.items():
-            name = str(key.value)
-            if not OPTION_NAME.fullmatch(name):
-                raise self.fail(key, f"{name!r} is not a qemu-img option name")
-            if name in ("size", "cluster_size", "backing_file", "backing_fmt"):
-                raise self.fail(key, f"give {name} as the create step's own key, "
-                                     "not under options")
-            option = self.value(value, scope, f"option {name!r}")
-            if isinstance(option, bool):
-                option = "on" if option else "off"
-            result[name] = None if option is None else str(option)
-        return result
+        return create_options(self.path, node, lambda value, what: self.value(value, scope, what),
+                              "the create step's")
 
     def step_io(self, line: int, image: Image, value: Node | None, scope: Scope,
                 via: tuple[int, ...]) -> Command:

@@ -19,6 +19,7 @@ Every error is a CaseError: `file:line: message`.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -29,9 +30,10 @@ from harness.expand import (
     Block,
     Expander,
     check_keys,
+    create_options,
     expect,
 )
-from harness.expr import PathRef, Value, deferred_images, interpolate
+from harness.expr import PathRef, Value, deferred_images, describe_value, interpolate
 from harness.schema import IMAGE_FORMATS, Case, CaseError, Image
 from harness.yamltree import Map, Node, Scalar, Seq, parse
 
@@ -40,6 +42,8 @@ CASE_FILE_NAME = re.compile(r"(?P<seq>[0-9]+)-[A-Za-z0-9][A-Za-z0-9_.-]*\.yaml")
 TOP_KEYS = ("title", "seq", "format", "cluster_size", "vars", "images", "blocks", "steps")
 IMAGE_KEYS = ("file", "format", "size", "cluster_size", "backing", "backing_format", "options")
 PREDEFINED = ("fmt",)
+# the longest file name Linux file systems take (NAME_MAX)
+MAX_FILE_NAME = 255
 
 
 def load_case(path: str | Path) -> Case:
@@ -195,10 +199,17 @@ def _images(path: Path, node: Node, scope: dict[str, Value],
         default_file = f"t.{case_format}" if name == "test" else f"t.{case_format}.{name}"
         file = default_file
         if (file_node := spec.get("file")) is not None:
-            file = str(_value(path, file_node, scope, "file"))
-            if not file or "/" in file or file in (".", ".."):
+            value = _value(path, file_node, scope, "file")
+            if not isinstance(value, str):
+                raise CaseError(path, file_node.line,
+                                f"file must be a text, not {describe_value(value)}")
+            file = value
+            if not file or "/" in file or "\0" in file or file in (".", ".."):
                 raise CaseError(path, file_node.line, "file must be a plain file name "
                                                       "(images live in the case's directory)")
+            if len(os.fsencode(file)) > MAX_FILE_NAME:
+                raise CaseError(path, file_node.line,
+                                f"file name is longer than {MAX_FILE_NAME} bytes")
         size = cluster_size = backing = backing_format = None
         if (size_node := spec.get("size")) is not None:
             size = _size(path, size_node, scope, "size")
@@ -233,23 +244,9 @@ def _images(path: Path, node: Node, scope: dict[str, Value],
 
 
 def _image_options(path: Path, node: Node, scope: dict[str, Value]) -> tuple[tuple[str, str], ...]:
-    expect(path, node, Map, "options")
-    assert isinstance(node, Map)
-    result = []
-    for key, value_node in node.items():
-        name = str(key.value)
-        if not re.fullmatch(r"[a-z0-9_.-]+", name):
-            raise CaseError(path, key.line, f"{name!r} is not a qemu-img option name")
-        if name in ("size", "cluster_size", "backing_file", "backing_fmt"):
-            raise CaseError(path, key.line, f"give {name} as the image's own key, "
-                                            "not under options")
-        value = _value(path, value_node, scope, f"option {name!r}")
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            value = "on" if value else "off"
-        result.append((name, str(value)))
-    return tuple(result)
+    options = create_options(path, node, lambda value, what: _value(path, value, scope, what),
+                             "the image's")
+    return tuple((name, value) for name, value in options.items() if value is not None)
 
 
 def _blocks(path: Path, node: Node) -> dict[str, Block]:

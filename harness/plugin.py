@@ -135,7 +135,7 @@ class CaseItem(pytest.Function):
                      style: Any = None) -> Any:
         if isinstance(excinfo.value, _PLAIN_FAILURES):
             return str(excinfo.value)
-        return super().repr_failure(excinfo, style=style)
+        return super().repr_failure(excinfo)
 
 
 def run_case_item(file_regression: Any, request: pytest.FixtureRequest) -> None:

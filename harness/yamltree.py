@@ -83,6 +83,8 @@ class Map(Node):
 def parse(text: str, path: str | Path) -> Node:
     """Parse one YAML document into located nodes, or raise CaseError."""
     try:
+        if "*" in text:
+            _refuse_aliases(text, path)
         root = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
@@ -97,6 +99,16 @@ def parse(text: str, path: str | Path) -> Node:
     if root is None:
         raise CaseError(path, 1, "the case file is empty")
     return _convert(root, path)
+
+
+def _refuse_aliases(text: str, path: str | Path) -> None:
+    # Aliases would make a case a graph: one that refers to itself never
+    # finishes converting, and nested ones expand exponentially.
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.AliasEvent):
+            raise CaseError(path, event.start_mark.line + 1,
+                            "YAML aliases are not supported (use blocks: and use: to "
+                            "repeat steps)")
 
 
 _constructor = yaml.constructor.SafeConstructor()

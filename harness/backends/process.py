@@ -3,6 +3,7 @@ stdin empty, stdout a pipe (never a terminal), run in the case's directory."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from abc import abstractmethod
 
@@ -21,6 +22,10 @@ class ProcessBackend(Backend):
     def missing_program_message(self, tool: str) -> str:
         return f"{tool} not found"
 
+    def describe_program(self, tool: str, program: str) -> str:
+        """Where `program` came from, for an error about it."""
+        return f"{program} (the {tool} program)"
+
     def __init__(self) -> None:
         self._commands: dict[str, sh.Command] = {}
 
@@ -30,6 +35,10 @@ class ProcessBackend(Backend):
             program = self.programs().get(tool)
             if program is None:
                 raise BackendError(self.missing_program_message(tool))
+            # sh would fail later with its own exception type and a traceback
+            if not (os.path.isfile(program) and os.access(program, os.X_OK)):
+                raise BackendError(f"{self.describe_program(tool, program)} "
+                                   "is not an executable file")
             command = self._commands[tool] = sh.Command(program)
         return command
 

@@ -27,6 +27,12 @@ class QemuBackend(ProcessBackend):
     def missing_program_message(self, tool: str) -> str:
         return f"{tool} is not installed (apt-get install -y qemu-utils)"
 
+    def describe_program(self, tool: str, program: str) -> str:
+        variable = _ENV[tool]
+        if os.environ.get(variable):
+            return f"${variable}={program}"
+        return super().describe_program(tool, program)
+
     def unavailable(self) -> str | None:
         for tool, program in self.programs().items():
             if program is None:

@@ -171,6 +171,36 @@ def test_qemu_items_are_skipped_where_qemu_is_missing(project, tmp_path):
             "(apt-get install -y qemu-utils)") in run.stdout
 
 
+def test_a_qemu_program_that_cannot_run_fails_its_items_plainly(project):
+    (project / "cases" / "900-info.yaml").write_text(
+        "title: t\nimages:\n  test: {size: 1M}\nsteps:\n  - create test\n")
+    env = dict(os.environ, QEMU_IMG_PROG="/nonexistent/qemu-img", QEMU_IO_PROG="/bin/sh")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                          "cases", "--backend", "qemu"], cwd=project, env=env,
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 1, run.stdout
+    assert "INTERNALERROR" not in run.stdout + run.stderr
+    assert "$QEMU_IMG_PROG=/nonexistent/qemu-img is not an executable file" in run.stdout
+
+
+def test_an_unexpected_error_in_an_item_is_reported_as_a_failure(project):
+    # anything the harness did not foresee must fail the one item, with its
+    # traceback, and leave the rest of the session running
+    (project / "conftest.py").write_text(
+        'pytest_plugins = ("harness.plugin",)\n'
+        "import harness.plugin\n"
+        "def broken_run_case(case, backend):\n"
+        "    raise RuntimeError('runner broke')\n"
+        "harness.plugin.run_case = broken_run_case\n")
+    add_case(project, "900-print.yaml")
+    add_case(project, "901-print.yaml")
+    run = pytest_run(project, "cases")
+    assert run.returncode == 1, run.stdout
+    assert "INTERNALERROR" not in run.stdout + run.stderr
+    assert "RuntimeError: runner broke" in run.stdout
+    assert "2 failed" in run.stdout
+
+
 def test_items_per_backend_select_with_k_and_stop_with_x(project):
     for seq in ("900", "901", "902"):
         add_case(project, f"{seq}-print.yaml")

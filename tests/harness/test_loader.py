@@ -158,6 +158,21 @@ MALFORMED = [
     pytest.param("title: t\nimages:\n  test: {size: '${path:test}'}\nsteps: []\n",
                  "CASE:3: '${path:test}' cannot be used here, only in steps and variables",
                  id="path-in-image"),
+    pytest.param("title: t\nsteps: &s [*s]\n",
+                 "CASE:2: YAML aliases are not supported (use blocks: and use: to repeat steps)",
+                 id="recursive-alias"),
+    pytest.param("title: t\nx: &a [1, 2]\ny: &b [*a, *a]\nsteps: []\n",
+                 "CASE:3: YAML aliases are not supported (use blocks: and use: to repeat steps)",
+                 id="nested-aliases"),
+    pytest.param("title: t\nimages:\n  test: {size: 1M, file: null}\nsteps: []\n",
+                 "CASE:3: file must be a text, not null", id="file-null"),
+    pytest.param("title: t\nimages:\n  test: {size: 1M, file: 5}\nsteps: []\n",
+                 "CASE:3: file must be a text, not 5", id="file-number"),
+    pytest.param("title: t\nimages:\n  test:\n    size: 1M\n    file: \"a\\0b\"\nsteps: []\n",
+                 "CASE:5: file must be a plain file name (images live in the case's directory)",
+                 id="file-with-nul"),
+    pytest.param("title: t\nimages:\n  test: {size: 1M, file: " + "a" * 256 + "}\nsteps: []\n",
+                 "CASE:3: file name is longer than 255 bytes", id="file-too-long"),
 ]
 
 
@@ -272,6 +287,18 @@ def test_steps_become_iotests_command_lines(tmp_path):
         ("qemu-img", ("testdir",), True),
         ("qemu-io", ("qemu_io",), False),
     ]
+
+
+def test_a_comma_in_an_option_value_cannot_add_an_option(tmp_path):
+    steps = load(tmp_path, """\
+        title: t
+        images:
+          test: {size: 1M, options: {compat: "1.1,lazy_refcounts=on"}}
+        steps:
+          - create test: {options: {refcount_bits: "16,x"}}
+        """)
+    assert argv(steps[0])[:5] == ["create", "-f", "qcow2", "-o",
+                                  "compat=1.1,,lazy_refcounts=on,refcount_bits=16,,x"]
 
 
 def test_blocks_loops_and_typed_placeholders(tmp_path):

@@ -53,3 +53,11 @@ def test_bless_refuses_without_real_qemu(tmp_path):
     assert done.returncode == 2
     assert done.stderr == ("harness bless: goldens are written by real QEMU, and qemu-img is "
                            "not installed (apt-get install -y qemu-utils)\n")
+
+
+def test_run_reports_a_qemu_program_that_cannot_run():
+    env = dict(os.environ, QEMU_IMG_PROG="/nonexistent/qemu-img")
+    done = harness("run", "cases/901-three-layer-chain.yaml", "--backend", "qemu", env=env)
+    assert done.returncode == 2
+    assert done.stderr == ("harness run: qemu backend: $QEMU_IMG_PROG=/nonexistent/qemu-img "
+                           "is not an executable file\n")
