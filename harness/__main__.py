@@ -37,6 +37,11 @@ def _pytest(args: list[str]) -> int:
 
 
 def check(extra: list[str]) -> int:
+    for arg in extra:
+        # pytest under xdist would only say "no tests ran" for a mistyped case
+        if arg.endswith(".yaml") and not Path(arg.split("::")[0]).exists():
+            print(f"harness check: {arg}: no such case file", file=sys.stderr)
+            return 2
     targets = [] if any(Path(arg).exists() for arg in extra) else [str(CASES)]
     return _pytest([*targets, "--backend", "all", "--case-report", "-q", *_parallel(), *extra])
 

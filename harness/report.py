@@ -46,6 +46,14 @@ class CaseReport:
         if _RANK[result] > _RANK[row.result]:
             row.result = result
 
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        # A case file that fails to load has no items; it still gets a row,
+        # so the table accounts for every case.
+        path = report.nodeid.split("::")[0]
+        if report.failed and path.endswith(".yaml"):
+            name = path.rsplit("/", 1)[-1].removesuffix(".yaml")
+            self.rows[report.nodeid] = Row(name, "-", "error")
+
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         if not self.rows:
             return

@@ -227,18 +227,20 @@ def test_parallel_run_with_the_report_table(project):
         (project / "golden" / f"{seq}.out").write_text(transcript(seq, "hello"))
     add_case(project, "903-print.yaml", word="changed")
     (project / "golden" / "903.out").write_text(transcript("903", "hello"))
+    (project / "cases" / "904-broken.yaml").write_text("title: t\nsteps: [bogus]\n")
     run = pytest_run(project, "cases", "-n", "2", "--case-report", "--backend", "engine,cli")
     assert run.returncode == 1
     table = run.stdout[run.stdout.index("case "):].splitlines()
-    rows = [line.split()[:3] for line in table[1:10]]
+    rows = [line.split()[:3] for line in table[1:11]]
     assert rows == [
         ["(golden", "files)", "-"],
         ["900-print", "engine", "passed"], ["900-print", "cli", "passed"],
         ["901-print", "engine", "passed"], ["901-print", "cli", "passed"],
         ["902-print", "engine", "passed"], ["902-print", "cli", "passed"],
         ["903-print", "engine", "failed"], ["903-print", "cli", "failed"],
+        ["904-broken", "-", "error"],
     ]
-    assert table[10] == "7 passed, 2 failed"
+    assert table[11] == "7 passed, 2 failed, 1 error"
     assert (project / "golden" / "903.out.bad").exists()
     assert (project / "golden" / "903.cli.out.bad").exists()
 

@@ -61,3 +61,9 @@ def test_run_reports_a_qemu_program_that_cannot_run():
     assert done.returncode == 2
     assert done.stderr == ("harness run: qemu backend: $QEMU_IMG_PROG=/nonexistent/qemu-img "
                            "is not an executable file\n")
+
+
+def test_check_names_a_case_file_that_does_not_exist():
+    done = harness("check", "cases/999-no-such-case.yaml")
+    assert done.returncode == 2
+    assert done.stderr == "harness check: cases/999-no-such-case.yaml: no such case file\n"
