@@ -21,6 +21,11 @@ Value = str | int | bool | None
 
 _SUFFIXES = {"": 0, "k": 10, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
 
+# Longer than any offset or size a case needs, and far below Python's limit
+# on converting digits to an integer.
+MAX_NUMBER_TEXT = 40
+# no size or offset in a case comes near this; it keeps results printable
+LARGEST_RESULT = 2**64
 _SIZE_LITERAL = re.compile(r"(0[xX][0-9a-fA-F]+|[0-9]+)([kKMGTPE]?)")
 _TOKEN = re.compile(
     r"\s*(?:(?P<number>0[xX][0-9a-fA-F]+|[0-9]+)(?P<suffix>[kKMGTPE](?![A-Za-z0-9_]))?"
@@ -58,7 +63,7 @@ def resolve_deferred(text: str, render_path: Callable[[PathRef], str]) -> str:
 def parse_size_literal(text: str) -> int | None:
     """`4096`, `0x1000`, `4k` -> bytes; None when the text is not such a number."""
     match = _SIZE_LITERAL.fullmatch(text.strip())
-    if match is None:
+    if match is None or len(match.group(1)) > MAX_NUMBER_TEXT:
         return None
     return int(match.group(1), 0) << _SUFFIXES[match.group(2)]
 
@@ -83,6 +88,8 @@ class _Parser:
                 bad = text[pos:].strip()[:1]
                 raise ValueError(f"bad arithmetic in '${{{text}}}': unexpected {bad!r}")
             if match.group("number") is not None:
+                if len(match.group("number")) > MAX_NUMBER_TEXT:
+                    raise ValueError(f"number {match.group('number')[:20]}... is too large")
                 value = int(match.group("number"), 0) << _SUFFIXES[match.group("suffix") or ""]
                 tokens.append(("number", str(value)))
             elif match.group("name") is not None:
@@ -106,6 +113,8 @@ class _Parser:
         value = self._sum()
         if self._peek() is not None:
             raise self._fail(f"unexpected {self._peek()[1]!r}")
+        if abs(value) >= LARGEST_RESULT:
+            raise self._fail("the result is 2**64 or more")
         return value
 
     def _sum(self) -> int:

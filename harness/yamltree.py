@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from harness.expr import MAX_NUMBER_TEXT
 from harness.schema import CaseError
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -120,6 +121,8 @@ def _convert(node: yaml.Node, path: str | Path) -> Node:
         if node.tag not in _SCALAR_TAGS:
             raise CaseError(path, line, f"unsupported YAML value {node.value!r} "
                                         "(use strings, integers, booleans or null)")
+        if node.tag == "tag:yaml.org,2002:int" and len(node.value) > MAX_NUMBER_TEXT:
+            raise CaseError(path, line, f"number {node.value[:20]}... is too large")
         return Scalar(line, _constructor.construct_object(node))
     if isinstance(node, yaml.SequenceNode):
         return Seq(line, tuple(_convert(item, path) for item in node.value))
