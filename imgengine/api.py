@@ -219,17 +219,72 @@ def formatting_options(fmt: str, options: Mapping[str, str]) -> list[tuple[str, 
 # -- paths ------------------------------------------------------------------------------------
 
 
-def _has_protocol(name: str) -> bool:
-    colon = name.find(":")
-    if colon <= 0:
-        return False
-    prefix = name[:colon]
-    return "/" not in prefix and prefix.replace("-", "").replace("_", "").replace(".", "").isalnum()
+# qcow2's overlap-check options: a new template replaces every old one
+_OVERLAP_KEYS = ("overlap-check", "overlap-check.template", "overlap-check.main-header",
+                 "overlap-check.active-l1", "overlap-check.active-l2",
+                 "overlap-check.refcount-table", "overlap-check.refcount-block",
+                 "overlap-check.snapshot-table", "overlap-check.inactive-l1",
+                 "overlap-check.inactive-l2")
+_CACHE_KEYS = ("cache-size", "l2-cache-size", "refcount-cache-size")
+
+
+def join_reopen_options(format_name: str, new: Mapping[str, object],
+                        old: Mapping[str, object]) -> dict[str, object]:
+    """The options a reopen applies: ``new`` on top of the ``old`` ones kept.
+
+    Both are flat, with dotted keys.  qcow2 first drops old options a new one
+    supersedes, as QEMU's qcow2_join_options does: a new overlap-check template
+    drops the old overlap options; a new cache-size drops the old l2 and
+    refcount cache sizes; and an old cache-size goes once any cache size is
+    set after the merge unless cache-size itself is new.
+    """
+    kept = dict(old)
+    if format_name == "qcow2":
+        if "overlap-check" in new or "overlap-check.template" in new:
+            for key in _OVERLAP_KEYS:
+                kept.pop(key, None)
+        if "cache-size" in new:
+            kept.pop("l2-cache-size", None)
+            kept.pop("refcount-cache-size", None)
+    joined = dict(new)
+    for key, value in kept.items():
+        joined.setdefault(key, value)
+    if format_name == "qcow2" and "cache-size" not in new \
+            and any(key in joined for key in _CACHE_KEYS):
+        joined.pop("cache-size", None)
+    return joined
+
+
+def _without_protocol(filename: str) -> str:
+    """The host file a file name given to the file protocol stands for.
+
+    A "file:" prefix is dropped (and "./" put in front when a colon before any
+    slash would read as a protocol again: bdrv_parse_filename_strip_prefix);
+    any other "protocol:" prefix is refused, as bdrv_find_protocol refuses one
+    it does not know.
+    """
+    if filename.startswith("file:"):
+        filename = filename[len("file:"):]
+        return "./" + filename if _path_has_protocol(filename) else filename
+    if _path_has_protocol(filename) and not filename.startswith("json:"):
+        protocol = filename.split(":", 1)[0]
+        raise OpenError(f"Unknown protocol '{protocol}'", errno=errno.EINVAL)
+    return filename
+
+
+def _path_has_protocol(name: str) -> bool:
+    """path_has_protocol: a colon before the first slash."""
+    stop = len(name)
+    for mark in (":", "/"):
+        found = name.find(mark)
+        if 0 <= found < stop:
+            stop = found
+    return name[stop:stop + 1] == ":"
 
 
 def resolve_backing_filename(overlay: str, backing: str) -> str:
     """A backing file name as QEMU resolves it: relative to the overlay's folder."""
-    if not backing or os.path.isabs(backing) or _has_protocol(backing):
+    if not backing or os.path.isabs(backing) or _path_has_protocol(backing):
         return backing
     if backing.startswith("file:"):
         return backing
@@ -257,8 +312,12 @@ def _flatten(options: Mapping[str, object]) -> dict[str, object]:
                 target[part] = existing
             target = existing
         last = parts[-1]
-        if isinstance(value, dict) and isinstance(target.get(last), dict):
-            target[last].update(value)  # type: ignore[union-attr]
+        existing = target.get(last)
+        if isinstance(value, dict) and isinstance(existing, dict):
+            existing.update(value)
+        elif isinstance(existing, dict) and not isinstance(value, dict):
+            # "x=v" after "x.y=w": the plain value sits with the keys, as above
+            existing["filename"] = value
         else:
             target[last] = value
     return out
@@ -311,6 +370,9 @@ def _open(filename: str | None, fmt: str | None, options: dict[str, object],
           read_only: bool, chain: list[tuple[int, int]], *,
           check: bool = False) -> BlockNode:
     options = dict(options)
+    # only a plain file name is looked at for a "protocol:" prefix, as QEMU's
+    # bdrv_find_protocol does for the filename argument alone
+    parse_protocol = filename is not None
     driver_name = options.pop("driver", None)
     if driver_name is not None and fmt is not None and driver_name != fmt:
         raise OpenError(f"Cannot use image format '{fmt}' with driver '{driver_name}'",
@@ -339,10 +401,20 @@ def _open(filename: str | None, fmt: str | None, options: dict[str, object],
             raise OpenError('A block device must be specified for "file"',
                             errno=errno.EINVAL)
         raise OpenError("Must specify either driver or file", errno=errno.EINVAL)
-    if filename.startswith("file:"):
-        filename = filename[len("file:"):]
+    if parse_protocol:
+        filename = _without_protocol(filename)
+    forced_read_only = False
+    if isinstance(file_option, Mapping) and "read-only" in file_opts:
+        forced_read_only = _bool_value(file_opts.pop("read-only"), "read-only")
     if "read-only" in options:
-        read_only = _bool_value(options.pop("read-only"), "read-only")
+        node_read_only = _bool_value(options.pop("read-only"), "read-only")
+        forced_read_only = forced_read_only or node_read_only
+        if not node_read_only:
+            read_only = False
+    if forced_read_only and not read_only:
+        # The opener asked for write access (qemu-img resize, qemu-io without
+        # -r): QEMU opens the node read-only and then refuses the permission.
+        raise OpenError("Block node is read-only", errno=errno.EPERM)
     unmap = True
     if "discard" in options:
         mode = str(options.pop("discard"))
@@ -352,12 +424,15 @@ def _open(filename: str | None, fmt: str | None, options: dict[str, object],
             raise OpenError(f"Invalid discard option: {mode}", errno=errno.EINVAL)
     cache = options.pop("cache", None)
     if isinstance(cache, Mapping):
-        cache = dict(cache)
-        cache.pop("no-flush", None)
-        cache.pop("direct", None)
+        # checked as QEMU checks them; the engine's file access does not change
+        for name in ("direct", "no-flush"):
+            if name in cache:
+                _bool_value(cache[name], f"cache.{name}")
+    if "auto-read-only" in options:
+        _bool_value(options.pop("auto-read-only"), "auto-read-only")
     has_backing_option = "backing" in options
     backing_option = options.pop("backing", None)
-    for ignored in ("node-name", "auto-read-only", "force-share", "detect-zeroes"):
+    for ignored in ("node-name", "force-share", "detect-zeroes"):
         options.pop(ignored, None)
 
     file = HostFile(filename, writable=not read_only)
@@ -399,7 +474,8 @@ def _open(filename: str | None, fmt: str | None, options: dict[str, object],
         backing = None
         if has_backing_option:
             if isinstance(backing_option, Mapping):
-                backing = _open(None, None, dict(backing_option), True, chain + [identity])
+                backing = _open_backing_with_options(qdriver, filename, dict(backing_option),
+                                                     chain + [identity])
             elif backing_option is not None and str(backing_option) != "":
                 # As with "file": a string names another node ("" means none).
                 raise _no_such_node(str(backing_option)).prefixed(
@@ -416,6 +492,33 @@ def _open(filename: str | None, fmt: str | None, options: dict[str, object],
 def _no_such_node(reference: str) -> OpenError:
     return OpenError(f"Cannot find device='{reference}' nor node-name='{reference}'",
                      errno=errno.ENODEV)
+
+
+def _open_backing_with_options(driver: object, overlay: str, options: dict[str, object],
+                               chain: list[tuple[int, int]]) -> BlockNode:
+    """A "backing" given as options: they add to the image's own backing file
+    (bdrv_open_backing_file), unless they name a file themselves."""
+    if "filename" in options and options["filename"] is None:
+        # "backing": null next to "backing.x" keys: the chain is cut and the
+        # keys are left over, as with QEMU's BDRV_O_NO_BACKING
+        key = "backing"
+        value: object = {k: v for k, v in options.items() if k != "filename"}
+        while isinstance(value, Mapping) and value:
+            name = next(iter(value))
+            key, value = f"{key}.{name}", value[name]
+        raise OpenError(f"Block format 'qcow2' does not support the option '{key}'",
+                        errno=errno.EINVAL)
+    backing_file = driver.image_backing_file  # type: ignore[attr-defined]
+    if "file" in options or "filename" in options or not backing_file:
+        return _open(None, None, options, True, chain)
+    backing_format = driver.image_backing_format  # type: ignore[attr-defined]
+    if backing_format and "driver" not in options:
+        options["driver"] = backing_format
+    path = resolve_backing_filename(overlay, backing_file)
+    try:
+        return _open(path, None, options, True, chain)
+    except ImageError as exc:
+        raise exc.prefixed("Could not open backing file: ") from None
 
 
 def _open_backing(driver: object, overlay: str, chain: list[tuple[int, int]]) -> BlockNode:
@@ -524,8 +627,7 @@ def _create_raw(filename: str, size: int, parsed: Mapping[str, object]) -> None:
 
 def create_file(filename: str) -> HostFile:
     """Create (or empty) ``filename`` as file-posix does, and open it."""
-    if filename.startswith("file:"):
-        filename = filename[len("file:"):]
+    filename = _without_protocol(filename)
     try:
         fd = os.open(filename, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
     except OSError as exc:

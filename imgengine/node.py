@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 # The largest single request QEMU accepts (BDRV_REQUEST_MAX_BYTES).
 REQUEST_MAX_BYTES = (0x7FFFFFFF >> 9) << 9
 MAX_IMAGE_LENGTH = (1 << 63) - 1
+# The largest offset the block layer accepts (BDRV_MAX_LENGTH): INT64_MAX
+# rounded down to BDRV_REQUEST_MAX_BYTES' alignment (1 GiB).
+MAX_REQUEST_LENGTH = MAX_IMAGE_LENGTH - MAX_IMAGE_LENGTH % (1 << 30)
 
 
 class BlockStatusFlag(IntFlag):
@@ -387,8 +390,9 @@ class BlockNode:
             raise ImageError("No medium inserted", errno=errno.ENOMEDIUM)
         if size < 0:
             raise ImageError("Image size cannot be negative", errno=errno.EINVAL)
-        if size > MAX_IMAGE_LENGTH:
-            raise _io_error(errno.EIO)
+        if size > MAX_REQUEST_LENGTH:
+            raise RequestError(f"offset({size}) exceeds maximum({MAX_REQUEST_LENGTH})",
+                               errno=errno.EIO)
         old_size = self.length()
         if self.read_only:
             raise ImageError("Image is read-only", errno=errno.EACCES)

@@ -343,8 +343,7 @@ class IoSession:
                     self.console.error_report(f"Cannot change the option '{leaf}'")
                     return -22
         read_only = flags.read_only
-        merged = dict(current)
-        merged.update(extra)
+        merged = imgengine.join_reopen_options(self.node.format_name, extra, current)
         if "read-only" in merged:
             text = merged.pop("read-only")
             if text not in ("on", "off", True, False, "yes", "no", "true", "false", "y", "n"):

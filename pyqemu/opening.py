@@ -82,7 +82,9 @@ def open_node(request: OpenRequest, read_only: bool, *, check: bool = False) -> 
     """imgengine.open_image for the request (the engine raises ImageError);
     `check` opens as qemu-img check does (BDRV_O_CHECK)."""
     import imgengine
-    return imgengine.open_image(request.filename, fmt=request.fmt, options=request.options,
+    # the flat dotted form keeps "x=v,x.y=w" together, where nesting would drop one
+    options = request.flat if request.flat else request.options
+    return imgengine.open_image(request.filename, fmt=request.fmt, options=options,
                                 read_only=read_only, check=check)
 
 

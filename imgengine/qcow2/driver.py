@@ -66,13 +66,33 @@ METADATA_OVERLAP_ORDER = ("qcow2_header", "active L1 table", "refcount table",
 
 
 def _bool_option(value: object, name: str) -> bool:
+    from ..sizes import parse_bool
+
     if isinstance(value, bool):
         return value
-    if value in ("on", "true", "yes"):
-        return True
-    if value in ("off", "false", "no"):
-        return False
-    raise ImageError(f"Parameter '{name}' expects 'on' or 'off'", errno=errno.EINVAL)
+    try:
+        return parse_bool(str(value))
+    except ValueError:
+        raise ImageError(f"Parameter '{name}' expects 'on' or 'off'",
+                         errno=errno.EINVAL) from None
+
+
+def _number_option(value: object, name: str) -> int:
+    """parse_option_number: C's strtoull, so "-1" wraps around."""
+    from ..sizes import parse_number
+
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value & ((1 << 64) - 1)
+    text = str(value).strip()
+    negative = text.startswith("-")
+    try:
+        number = parse_number(text[1:] if negative else text)
+    except OverflowError:
+        raise ImageError(f"Value '{value}' is out of range for parameter '{name}'",
+                         errno=errno.ERANGE) from None
+    except ValueError:
+        raise ImageError(f"Parameter '{name}' expects a number", errno=errno.EINVAL) from None
+    return (-number) & ((1 << 64) - 1) if negative else number
 
 
 def _size_option(value: object, name: str) -> int:
@@ -85,6 +105,76 @@ def _size_option(value: object, name: str) -> int:
     except ValueError:
         raise ImageError(f"Parameter '{name}' expects a non-negative number below 2^64",
                          errno=errno.EINVAL) from None
+
+
+# qcow2's runtime options (qcow2_runtime_opts) by type; "overlap-check.*" are
+# the per-structure switches under overlap-check
+_SIZE_OPTIONS = ("cache-size", "l2-cache-size", "l2-cache-entry-size", "refcount-cache-size")
+_BOOL_OPTIONS = ("lazy-refcounts", "pass-discard-request", "pass-discard-snapshot",
+                 "pass-discard-other")
+_NUMBER_OPTIONS = ("cache-clean-interval",)
+_OVERLAP_SWITCHES = ("main-header", "active-l1", "active-l2", "refcount-table",
+                     "refcount-block", "snapshot-table", "inactive-l1", "inactive-l2",
+                     "bitmap-directory")
+_OVERLAP_MODES = ("none", "constant", "cached", "all")
+UINT_MAX = (1 << 32) - 1
+
+
+def _typed_runtime_options(options: dict[str, object]) -> dict[str, object]:
+    """qemu_opts_absorb_qdict: each option parsed by its type, unknown ones refused.
+
+    Takes the options out of ``options`` ("_unmap", the engine's own, stays);
+    "overlap-check" comes back as ("mode or None", "template or None", switches).
+    """
+    typed: dict[str, object] = {}
+    for name in list(options):
+        if name == "_unmap":
+            continue
+        value = options.pop(name)
+        if name in _SIZE_OPTIONS:
+            typed[name] = _size_option(value, name)
+        elif name in _BOOL_OPTIONS:
+            typed[name] = _bool_option(value, name)
+        elif name in _NUMBER_OPTIONS:
+            typed[name] = _number_option(value, name)
+        elif name == "overlap-check":
+            typed[name] = _overlap_options(value)
+        else:
+            raise ImageError(f"Block format 'qcow2' does not support the option '{name}'",
+                             errno=errno.EINVAL)
+    return typed
+
+
+def _overlap_options(value: object) -> tuple[str | None, str | None, dict[str, bool]]:
+    if not isinstance(value, Mapping):
+        return str(value), None, {}
+    fields = dict(value)
+    # "overlap-check=X" given next to "overlap-check.*" keys: the engine's
+    # option nesting keeps the plain value under "filename"
+    mode = fields.pop("filename", None)
+    template = fields.pop("template", None)
+    switches = {}
+    for name, switch in fields.items():
+        if name not in _OVERLAP_SWITCHES:
+            raise ImageError(f"Block format 'qcow2' does not support the option "
+                             f"'overlap-check.{name}'", errno=errno.EINVAL)
+        switches[name] = _bool_option(switch, f"overlap-check.{name}")
+    return (None if mode is None else str(mode),
+            None if template is None else str(template), switches)
+
+
+def _overlap_check_mode(typed: dict[str, object]) -> str:
+    """The overlap-check template QEMU would use (the engine checks "cached")."""
+    mode, template, _switches = typed.get("overlap-check", (None, None, {}))  # type: ignore[misc]
+    if mode is not None and template is not None and mode != template:
+        raise ImageError(f"Conflicting values for qcow2 options 'overlap-check' ('{mode}') "
+                         f"and 'overlap-check.template' ('{template}')", errno=errno.EINVAL)
+    chosen = mode or template or "cached"
+    if chosen not in _OVERLAP_MODES:
+        raise ImageError(f"Unsupported value '{chosen}' for qcow2 option 'overlap-check'. "
+                         f"Allowed are any of the following: none, constant, cached, all",
+                         errno=errno.EINVAL)
+    return chosen
 
 
 class Snapshot:
@@ -137,6 +227,7 @@ class Qcow2Driver(ClusterMapping, Driver):
         self.metadata_prealloc: bool | None = None
         self.signaled_corruption = False
         self.broken = False
+        self.check_only = ""        # why the image may only be checked, if so
         self.closing = False
         self.flush_waits = 0
         self.image_backing_file = header.backing_file
@@ -178,20 +269,25 @@ class Qcow2Driver(ClusterMapping, Driver):
                 and not check_mode:
             raise CorruptImageError("qcow2: Image is corrupt; cannot be opened read/write",
                                     errno=errno.EACCES)
+        check_only = ""
         if header.incompatible_features & fmt.INCOMPAT_EXTL2:
             if header.cluster_size // 32 < 512:
                 raise CorruptImageError(
                     f"Unsupported subcluster size: {header.cluster_size // 32}",
                     errno=errno.EINVAL)
-            raise UnsupportedImageError("Images with extended L2 entries (subclusters) "
-                                        "are not supported", errno=errno.ENOTSUP)
+            check_only = "Images with extended L2 entries (subclusters) are not supported"
+            if not check_mode:
+                raise UnsupportedImageError(check_only, errno=errno.ENOTSUP)
         if header.refcount_order > 6:
             raise CorruptImageError("Reference count entry width too large; may not "
                                     "exceed 64 bits", errno=errno.EINVAL)
         if header.crypt_method:
             if header.crypt_method not in (fmt.CRYPT_AES, fmt.CRYPT_LUKS):
+                method = header.crypt_method
+                if method >= 1 << 31:       # QEMU prints the field as a C int
+                    method -= 1 << 32
                 raise UnsupportedImageError(
-                    f"Unsupported encryption method {header.crypt_method}",
+                    f"Unsupported encryption method {method}",
                     errno=errno.EINVAL)
             raise UnsupportedImageError("Encrypted qcow2 images are not supported",
                                         errno=errno.ENOTSUP)
@@ -200,6 +296,8 @@ class Qcow2Driver(ClusterMapping, Driver):
                                         errno=errno.ENOTSUP)
 
         s = cls(file, header, read_only=read_only)
+        # qemu-img check opens what the engine can check but not read or write
+        s.check_only = check_only
         cs = s.cluster_size
         if header.refcount_table_clusters == 0 and not check_mode:
             raise CorruptImageError("Image does not contain a reference count table",
@@ -241,6 +339,11 @@ class Qcow2Driver(ClusterMapping, Driver):
         s.image_backing_format = header.backing_format
         if not check_mode:
             s._read_snapshots()
+        else:
+            # QEMU's check-mode open leaves the snapshot table unread (the check
+            # reads it), so a header rewritten before the check names none
+            s.snapshots_offset = 0
+            header.nb_snapshots = 0
         if header.bitmaps is not None and not read_only:
             raise UnsupportedImageError("Images with persistent dirty bitmaps can only be "
                                         "opened read-only", errno=errno.ENOTSUP)
@@ -257,26 +360,36 @@ class Qcow2Driver(ClusterMapping, Driver):
         return (size + (1 << shift) - 1) >> shift
 
     def _apply_options(self, options: dict[str, object]) -> None:
+        """qcow2_update_options_prepare: check and apply the runtime options."""
+        typed = _typed_runtime_options(options)
         cs = self.cluster_size
         virtual_size = self.total_sectors * SECTOR_SIZE
         max_l2_entries = -(-virtual_size // cs)
         max_l2_cache = -(-(max_l2_entries * 8) // cs) * cs
-        l2_cache_setting = DEFAULT_L2_CACHE_MAX_SIZE
-        if "l2-cache-size" in options:
-            l2_cache_setting = _size_option(options.pop("l2-cache-size"), "l2-cache-size")
-        entry_size_set = "l2-cache-entry-size" in options
-        entry_size = cs
-        if entry_size_set:
-            entry_size = _size_option(options.pop("l2-cache-entry-size"), "l2-cache-entry-size")
-        refcount_cache_size = 0
-        if "refcount-cache-size" in options:
-            refcount_cache_size = _size_option(options.pop("refcount-cache-size"),
-                                               "refcount-cache-size")
+        combined_set = "cache-size" in typed
+        l2_set = "l2-cache-size" in typed
+        refcount_set = "refcount-cache-size" in typed
+        entry_size_set = "l2-cache-entry-size" in typed
+        combined = typed.get("cache-size", 0)
+        l2_cache_setting = typed.get("l2-cache-size", DEFAULT_L2_CACHE_MAX_SIZE)
+        refcount_cache_size = typed.get("refcount-cache-size", 0)
+        entry_size = typed.get("l2-cache-entry-size", cs)
         l2_cache_size = min(max_l2_cache, l2_cache_setting)
-        if "cache-size" in options:
-            combined = _size_option(options.pop("cache-size"), "cache-size")
+        if combined_set:
+            if l2_set and refcount_set:
+                raise ImageError("cache-size, l2-cache-size and refcount-cache-size may not "
+                                 "be set at the same time", errno=errno.EINVAL)
+            if l2_set and l2_cache_setting > combined:
+                raise ImageError("l2-cache-size may not exceed cache-size", errno=errno.EINVAL)
+            if refcount_cache_size > combined:
+                raise ImageError("refcount-cache-size may not exceed cache-size",
+                                 errno=errno.EINVAL)
             min_refcount = MIN_REFCOUNT_CACHE_SIZE * cs
-            if combined >= max_l2_cache + min_refcount:
+            if l2_set:
+                refcount_cache_size = combined - l2_cache_size
+            elif refcount_set:
+                l2_cache_size = combined - refcount_cache_size
+            elif combined >= max_l2_cache + min_refcount:
                 l2_cache_size = max_l2_cache
                 refcount_cache_size = combined - l2_cache_size
             else:
@@ -287,6 +400,10 @@ class Qcow2Driver(ClusterMapping, Driver):
         if entry_size < 512 or entry_size > cs or entry_size & (entry_size - 1):
             raise ImageError(f"L2 cache entry size must be a power of two between 512 and "
                              f"the cluster size ({cs})", errno=errno.EINVAL)
+        if l2_cache_size // entry_size > INT_MAX:
+            raise ImageError("L2 cache size too big", errno=errno.EINVAL)
+        if refcount_cache_size // cs > INT_MAX:
+            raise ImageError("Refcount cache size too big", errno=errno.EINVAL)
         l2_entries = max(l2_cache_size // entry_size, MIN_L2_CACHE_SIZE)
         self.refcount_cache_entries = max(refcount_cache_size // cs, MIN_REFCOUNT_CACHE_SIZE)
         self.l2_slice_size = entry_size // 8
@@ -294,27 +411,23 @@ class Qcow2Driver(ClusterMapping, Driver):
         self.l2_cache = TableCache(self.file, l2_entries, entry_size, decode, encode,
                                    before_write=self._before_l2_write)
 
-        lazy = bool(self.compatible_features & fmt.COMPAT_LAZY_REFCOUNTS)
-        if "lazy-refcounts" in options:
-            lazy = _bool_option(options.pop("lazy-refcounts"), "lazy-refcounts")
+        if typed.get("cache-clean-interval", 0) > UINT_MAX:
+            raise ImageError("Cache clean interval too big", errno=errno.EINVAL)
+        lazy = typed.get("lazy-refcounts",
+                         bool(self.compatible_features & fmt.COMPAT_LAZY_REFCOUNTS))
         if lazy and self.qcow_version < 3:
             raise ImageError("Lazy refcounts require a qcow2 image with at least qemu 1.1 "
                              "compatibility level", errno=errno.EINVAL)
+        _overlap_check_mode(typed)
         self.use_lazy_refcounts = lazy
         unmap = bool(options.pop("_unmap", True))
         passthrough = [False, True, unmap, True, False]
         for name, kind in (("pass-discard-request", DISCARD_REQUEST),
                            ("pass-discard-snapshot", DISCARD_SNAPSHOT),
                            ("pass-discard-other", DISCARD_OTHER)):
-            if name in options:
-                passthrough[kind] = _bool_option(options.pop(name), name)
+            if name in typed:
+                passthrough[kind] = typed[name]
         self.discard_passthrough = passthrough
-        for ignored in ("cache-clean-interval", "overlap-check"):
-            options.pop(ignored, None)
-        if options:
-            name = sorted(options)[0]
-            raise ImageError(f"Block format 'qcow2' does not support the option '{name}'",
-                             errno=errno.EINVAL)
 
     def _read_snapshots(self) -> None:
         """Read the snapshot table (qcow2_read_snapshots) for its L1 tables."""
@@ -376,6 +489,8 @@ class Qcow2Driver(ClusterMapping, Driver):
         self.compatible_features = header.compatible_features
         self.autoclear_features = header.autoclear_features
         self.header.incompatible_features = header.incompatible_features
+        self.snapshots_offset = header.snapshots_offset
+        self.header.nb_snapshots = header.nb_snapshots
         self.l1_size = header.l1_size
         self.l1_table_offset = header.l1_table_offset
         raw = self.file.pread(header.l1_table_offset, header.l1_size * L1E_SIZE)
@@ -577,6 +692,8 @@ class Qcow2Driver(ClusterMapping, Driver):
     def _check_usable(self) -> None:
         if self.broken:
             raise RequestError("No medium found", errno=errno.ENOMEDIUM)
+        if self.check_only:
+            raise UnsupportedImageError(self.check_only, errno=errno.ENOTSUP)
 
     def getlength(self) -> int:
         return self.total_sectors * SECTOR_SIZE
@@ -943,13 +1060,15 @@ class Qcow2Driver(ClusterMapping, Driver):
                     self.messages.append(f"Failed to truncate the tail of the image: "
                                          f"{os.strerror(exc.errno)}")
         else:
+            if prealloc != "off":
+                # refused before anything changes: the engine does not preallocate
+                # a grown qcow2 image (QEMU does)
+                raise UnsupportedImageError(f"Preallocation mode '{prealloc}' is not "
+                                            f"supported for qcow2 images", errno=errno.ENOTSUP)
             try:
                 self.grow_l1_table(new_l1_size, True)
             except ImageError as exc:
                 raise exc.prefixed("Failed to grow the L1 table: ") from None
-            if prealloc != "off":
-                raise UnsupportedImageError(f"Preallocation mode '{prealloc}' is not "
-                                            f"supported for qcow2 images", errno=errno.ENOTSUP)
         if zero_new and size > old_length:
             zero_start = -(-old_length // cs) * cs
             if size > zero_start:

@@ -307,9 +307,14 @@ def validate_table(header: Header, offset: int, entries: int, entry_len: int,
 
 
 def parse_feature_table(payload: bytes) -> list[Feature]:
-    """Decode a feature name table extension payload."""
+    """Decode a feature name table extension payload.
+
+    QEMU reads the payload into a zeroed buffer, so a last, partial entry
+    counts with its missing bytes as zeroes.
+    """
     features = []
-    for pos in range(0, len(payload) - FEATURE_ENTRY_SIZE + 1, FEATURE_ENTRY_SIZE):
+    payload = payload + bytes(-len(payload) % FEATURE_ENTRY_SIZE)
+    for pos in range(0, len(payload), FEATURE_ENTRY_SIZE):
         ftype, bit = payload[pos], payload[pos + 1]
         raw_name = payload[pos + 2:pos + FEATURE_ENTRY_SIZE]
         name = raw_name.split(b"\0", 1)[0].decode("utf-8", "replace")

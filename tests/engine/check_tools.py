@@ -129,12 +129,13 @@ def _check_twice(check, fix: frozenset[str]) -> tuple[dict[str, int] | None, lis
 
 
 def engine_api_check(path: Path, repair: str | None = None) -> Outcome:
-    """The same, through the engine's public API: open_image and BlockNode.check."""
+    """The same, through the engine's public API: open_image as qemu-img check
+    opens (check=True), and BlockNode.check."""
     import imgengine
 
     fix = FIX_SETS[repair]
     try:
-        node = imgengine.open_image(str(path), fmt="qcow2", read_only=not fix)
+        node = imgengine.open_image(str(path), fmt="qcow2", read_only=not fix, check=True)
     except ImageError as error:
         return Outcome(1, None, [f"qemu-img: Could not open '{path.name}': {error}"])
     try:

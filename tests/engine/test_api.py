@@ -238,6 +238,22 @@ def test_check_mode_opens_a_corrupt_image_for_repair(chain):
         assert node.read(64 * KIB, 4096) == b"\xcc" * 4096
 
 
+def test_check_mode_admits_extended_l2_for_checking_only(qemu, tmp_path):
+    from imgengine import UnsupportedImageError
+
+    image = tmp_path / "ext.qcow2"
+    qemu.create(str(image), "qcow2", MIB, {"extended_l2": "on"})
+    with pytest.raises(UnsupportedImageError, match="extended L2"):
+        open_image(str(image))
+    with open_image(str(image), check=True) as node:
+        result = node.check(frozenset())
+        assert (result.corruptions, result.leaks, result.check_errors) == (0, 0, 0)
+        with pytest.raises(UnsupportedImageError, match="extended L2"):
+            node.read(0, 512)
+        with pytest.raises(UnsupportedImageError, match="extended L2"):
+            node.map_entry(0, 512)
+
+
 @pytest.mark.parametrize("image_opts,options", [
     ("driver=qcow2,file=somenode", {"driver": "qcow2", "file": "somenode"}),
     ("driver=qcow2,file.filename={top},backing=null",

@@ -152,6 +152,12 @@ INFO_CASES = [
     ["small.qcow2"],
     ["--image-opts", "driver=qcow2,file.filename=top.qcow2"],
     ["--image-opts", "top.qcow2"],
+    ["--image-opts", "driver=qcow2,file.filename=top.qcow2,overlap-check=blubb"],
+    ["--image-opts", "driver=qcow2,file.filename=top.qcow2,cache-size=1M,l2-cache-size=2M"],
+    ["--image-opts", "driver=qcow2,file.filename=top.qcow2,cache.direct=x"],
+    ["--image-opts", "driver=qcow2,file.filename=top.qcow2,backing.node-name=b"],
+    ["image:top.qcow2"],
+    ["file:top.qcow2"],
     ['json:{"driver": "qcow2", "file": {"driver": "file", "filename": "top.qcow2"}}'],
     ['json:{"driver": "qcow2", "file": {"driver": "file", "filename": "top.qcow2"'],
     ["json:[1]"],
@@ -424,3 +430,137 @@ def test_dd(twins, engine, args):
     for name, fmt in (("out.qcow2", "qcow2"), ("out.raw", "raw")):
         if (twins.qemu.folder / name).exists() or (twins.ours.folder / name).exists():
             twins.same_images(name, fmt=fmt)
+
+
+RESIZE_CASES = [
+    ["top.qcow2", "2M"],
+    ["top.qcow2", "+1M"],
+    ["top.qcow2", "+0"],
+    ["top.qcow2", "1M"],
+    ["top.qcow2", "+1.5k"],
+    ["-q", "top.qcow2", "4M"],
+    ["top.qcow2", "--", "-64k"],
+    ["--shrink", "top.qcow2", "--", "-64k"],
+    ["--shrink", "top.qcow2", "200k"],
+    ["--shrink", "top.qcow2", "1000"],
+    ["--shrink", "big.qcow2", "64k"],
+    ["big.qcow2", "+3G"],
+    ["top.qcow2", "0"],
+    ["top.qcow2", "--", "-2M"],
+    ["top.qcow2", "1000"],
+    ["top.qcow2", "x"],
+    ["top.qcow2", "-x"],
+    ["top.qcow2", "16E"],
+    ["top.qcow2", "9E"],
+    ["top.qcow2", "18446744073709551615"],
+    ["top.qcow2", "9223372036854775807"],
+    ["top.qcow2", "+8E"],
+    ["top.qcow2", "1M", "2M"],
+    ["top.qcow2"],
+    ["2M"],
+    ["-f", "raw", "r.raw", "3M"],
+    ["-f", "raw", "r.raw", "1000"],
+    ["--shrink", "-f", "raw", "r.raw", "1000"],
+    ["--preallocation=falloc", "-f", "raw", "r.raw", "3M"],
+    ["--preallocation=full", "-f", "raw", "r.raw", "+64k"],
+    ["--preallocation=full", "-f", "raw", "r.raw", "1M"],
+    ["--preallocation=off", "top.qcow2", "3M"],
+    ["--preallocation=bogus", "top.qcow2", "3M"],
+    ["--preallocation=full", "--shrink", "top.qcow2", "64k"],
+    ["-f", "qcow2", "r.raw", "2M"],
+    ["-f", "nope", "top.qcow2", "2M"],
+    ["nonexistent", "2M"],
+    ["--image-opts", "driver=qcow2,file.filename=top.qcow2", "2M"],
+    ["--image-opts", "driver=qcow2,file.filename=top.qcow2,read-only=on", "2M"],
+    ["--image-opts", "driver=qcow2,file.filename=top.qcow2,file.read-only=on", "2M"],
+    ['json:{"driver": "qcow2", "read-only": true, "file": "top.qcow2"}', "2M"],
+    ["--image-opts", "-f", "qcow2", "top.qcow2", "2M"],
+    ["-x", "top.qcow2", "2M"],
+    ["-f"],
+    ["--shrink", "v2.qcow2", "1M"],
+    ["v2.qcow2", "+1M"],
+    ["lonely.qcow2", "2M"],
+]
+
+
+@pytest.mark.parametrize("args", _with_gaps(RESIZE_CASES, "resize"))
+def test_resize(twins, engine, args):
+    twins.setup(BASE, TOP, RAW, DATA_IN_BASE, DATA_IN_TOP,
+                ("img", "create", "-f", "qcow2", "big.qcow2", "4M"),
+                ("io", "-c", "write -P 0x66 0 4M", "big.qcow2"),
+                ("img", "create", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "64M"),
+                ("io", "-c", "write -P 0x77 63M 1M", "v2.qcow2"),
+                ("img", "create", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2",
+                 "lonely.qcow2", "1M"))
+    result = twins.compare("img", "resize", *args)
+    for name, fmt in (("top.qcow2", "qcow2"), ("big.qcow2", "qcow2"), ("v2.qcow2", "qcow2"),
+                      ("r.raw", "raw")):
+        twins.same_images(name, fmt=fmt)
+    if result.status == 0:
+        twins.compare("img", "map", "--output=json", "top.qcow2")
+        twins.compare("img", "check", "big.qcow2")
+
+
+def _unalign_snapshot_l1(path):
+    """Move the first snapshot's L1 table offset off its cluster boundary."""
+    with path.open("r+b") as image:
+        image.seek(64)
+        (table,) = struct.unpack(">Q", image.read(8))
+        image.seek(table)
+        (l1_offset,) = struct.unpack(">Q", image.read(8))
+        image.seek(table)
+        image.write(struct.pack(">Q", l1_offset + 512))
+
+
+# bytes that are not UTF-8, as Python carries them in str (surrogateescape)
+NOT_UTF8 = b"\xff\xfe".decode("utf-8", "surrogateescape")
+
+
+def test_non_utf8_names_byte_for_byte(twins, engine):
+    """Names read from an image go out as the bytes stored, as QEMU prints them."""
+    twins.setup(BASE, DATA_IN_BASE, ("img", "snapshot", "-c", f"sn{NOT_UTF8}", "base.qcow2"),
+                ("img", "create", "-f", "qcow2", "-u", "-b", f"gone{NOT_UTF8}.qcow2",
+                 "-F", "qcow2", "lonely.qcow2", "1M"))
+    twins.patch("base.qcow2", _unalign_snapshot_l1)
+    twins.compare("img", "check", "base.qcow2")
+    twins.compare("img", "info", "lonely.qcow2")
+    twins.compare("img", "map", "lonely.qcow2")
+    twins.compare("io", "-c", "read 0 512", "lonely.qcow2")
+
+
+def _unknown_feature_named_in_short_table(path):
+    """Incompatible bit 63 set, and a feature table whose one entry is cut short."""
+    with path.open("r+b") as image:
+        image.seek(72)
+        (features,) = struct.unpack(">Q", image.read(8))
+        image.seek(72)
+        image.write(struct.pack(">Q", features | 1 << 63))
+        image.seek(100)
+        (header_length,) = struct.unpack(">I", image.read(4))
+        payload = b"\x00\x3fTest feature"
+        image.seek(header_length)
+        image.write(struct.pack(">II", 0x6803F857, len(payload)) + payload
+                    + bytes(-len(payload) % 8) + bytes(8))
+
+
+def test_unsupported_feature_named_from_the_table(twins, engine):
+    twins.setup(BASE)
+    twins.patch("base.qcow2", _unknown_feature_named_in_short_table)
+    twins.compare("img", "info", "base.qcow2")
+    twins.compare("io", "-c", "read 0 512", "base.qcow2")
+
+
+def test_filenames_with_colons(twins, engine):
+    """A "file:" prefix lets a name hold a colon; QEMU then calls it "./name"."""
+    twins.setup(BASE, DATA_IN_BASE,
+                ("img", "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                 "file:image:top.qcow2"))
+    twins.compare("img", "create", "-f", "qcow2", "file:a:b.qcow2", "1M")
+    twins.compare("img", "create", "-f", "qcow2", "-b", "./image:top.qcow2", "-F", "qcow2",
+                  "file:image:more.qcow2")
+    twins.compare("img", "info", "file:image:top.qcow2")
+    twins.compare("img", "info", "--backing-chain", "file:image:more.qcow2")
+    twins.compare("img", "map", "--output=json", "file:image:more.qcow2")
+    twins.compare("img", "info", "image:top.qcow2")
+    twins.compare("io", "-c", "read -P 0x11 0 64k", "-c", "info", "file:image:top.qcow2")
+    twins.same_images("./image:top.qcow2", "./image:more.qcow2")
