@@ -562,7 +562,8 @@ def resolve_create_options(filename: str, fmt: str, options: Mapping[str, str], 
     if backing_file is not None and not unsafe:
         full = resolve_backing_filename(filename, backing_file)
         try:
-            backing = _open(full, backing_fmt, {"backing": None}, True, [])
+            # the whole chain, as bdrv_img_create opens it
+            backing = _open(full, backing_fmt, {}, True, [])
         except ImageError as exc:
             exc.hint = (exc.hint or "") + "Could not open backing image.\n"
             raise

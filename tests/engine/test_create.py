@@ -180,3 +180,22 @@ def test_create_options_table_matches_qemu_help(qemu):
     assert listed == ours
     for option in create_options("qcow2", with_protocol=False):
         assert f"- {option.help}" in out
+
+
+def test_create_opens_the_whole_backing_chain(qemu, tmp_path):
+    """A backing file whose own backing file is missing fails as in QEMU."""
+    middle = str(tmp_path / "middle.qcow2")
+    qemu.create(middle, "qcow2", 1024 * 1024,
+                {"backing_file": str(tmp_path / "gone.qcow2"), "backing_fmt": "qcow2"},
+                unsafe=True)
+    theirs = str(tmp_path / "theirs.qcow2")
+    result = qemu.create(theirs, "qcow2", None, {"backing_file": middle, "backing_fmt": "qcow2"},
+                         check=False)
+    assert result.returncode == 1
+    first_line, hint = result.stderr.splitlines()[:2]
+    ours = str(tmp_path / "ours.qcow2")
+    with pytest.raises(ImageError) as info:
+        create_image(ours, "qcow2", {"backing_file": middle, "backing_fmt": "qcow2"})
+    assert f"qemu-img: {theirs}: {info.value}" == first_line
+    assert info.value.hint == hint + "\n"
+    assert not os.path.exists(ours) and not os.path.exists(theirs)
