@@ -94,6 +94,44 @@ def cvtnum(session: IoSession, text: str) -> int:
     return value
 
 
+def number_arg(session: IoSession, text: str, shown: str | None = None) -> int:
+    """cvtnum, printing QEMU's parsing error when it fails (naming ``shown``,
+    the argument QEMU names, by default ``text``): the number or -errno."""
+    value = cvtnum(session, text)
+    if value < 0:
+        cvtnum_error(session, value, text if shown is None else shown)
+    return value
+
+
+def _offset_and_count(session: IoSession, args: list[str]) -> tuple[int, int, int]:
+    """The offset and length arguments of a request: (0, offset, count), or
+    (the status to return, 0, 0) once an error is printed."""
+    offset = number_arg(session, args[0])
+    if offset < 0:
+        return offset, 0, 0
+    count = number_arg(session, args[1])
+    if count < 0:
+        return count, 0, 0
+    return 0, offset, count
+
+
+def _within_request_limit(session: IoSession, count: int, text: str, note: str = "") -> bool:
+    """BDRV_REQUEST_MAX_BYTES, with qemu-io's message when count is over it."""
+    if count <= REQUEST_MAX_BYTES:
+        return True
+    session.out(f"length cannot exceed {REQUEST_MAX_BYTES}{note}, given {text}\n")
+    return False
+
+
+def _sector_aligned(session: IoSession, offset: int, count: int) -> bool:
+    """VM state and compressed requests take whole sectors; qemu-io says which is not."""
+    for value, name in ((offset, "offset"), (count, "count")):
+        if value % SECTOR:
+            session.out(f"{value} is not a sector-aligned value for '{name}'\n")
+            return False
+    return True
+
+
 def cvtnum_error(session: IoSession, code: int, text: str) -> None:
     if code == -EINVAL:
         session.out("Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- "
@@ -188,9 +226,8 @@ def read_body(session: IoSession, argv: list[str]) -> int:
             machine = True
         elif option == "l":
             length_flag = True
-            pattern_count = cvtnum(session, value or "")
+            pattern_count = number_arg(session, value or "")
             if pattern_count < 0:
-                cvtnum_error(session, pattern_count, value or "")
                 return pattern_count
         elif option == "p":
             pass
@@ -203,9 +240,8 @@ def read_body(session: IoSession, argv: list[str]) -> int:
             quiet = True
         elif option == "s":
             offset_flag = True
-            pattern_offset = cvtnum(session, value or "")
+            pattern_offset = number_arg(session, value or "")
             if pattern_offset < 0:
-                cvtnum_error(session, pattern_offset, value or "")
                 return pattern_offset
         elif option == "v":
             verbose = True
@@ -214,16 +250,10 @@ def read_body(session: IoSession, argv: list[str]) -> int:
     args = parser.argv[parser.optind:]
     if len(args) != 2:
         return _usage(session, "read")
-    offset = cvtnum(session, args[0])
-    if offset < 0:
-        cvtnum_error(session, offset, args[0])
-        return offset
-    count = cvtnum(session, args[1])
-    if count < 0:
-        cvtnum_error(session, count, args[1])
-        return count
-    if count > REQUEST_MAX_BYTES:
-        session.out(f"length cannot exceed {REQUEST_MAX_BYTES}, given {args[1]}\n")
+    status, offset, count = _offset_and_count(session, args)
+    if status:
+        return status
+    if not _within_request_limit(session, count, args[1]):
         return -EINVAL
     if not pattern_flag and (length_flag or offset_flag):
         return _usage(session, "read")
@@ -232,13 +262,8 @@ def read_body(session: IoSession, argv: list[str]) -> int:
     if pattern_count < 0 or pattern_count + pattern_offset > count:
         session.out("pattern verification range exceeds end of read data\n")
         return -EINVAL
-    if vmstate:
-        if offset % SECTOR:
-            session.out(f"{offset} is not a sector-aligned value for 'offset'\n")
-            return -EINVAL
-        if count % SECTOR:
-            session.out(f"{count} is not a sector-aligned value for 'count'\n")
-            return -EINVAL
+    if vmstate and not _sector_aligned(session, offset, count):
+        return -EINVAL
 
     started = time.monotonic_ns()
     if vmstate and count > INT_MAX:
@@ -311,9 +336,8 @@ def _lengths(session: IoSession, texts: list[str]) -> list[int] | None:
     lengths = []
     total = 0
     for text in texts:
-        length = cvtnum(session, text)
+        length = number_arg(session, text)
         if length < 0:
-            cvtnum_error(session, length, text)
             return None
         if length > REQUEST_MAX_BYTES:
             session.out(f"Argument '{text}' exceeds maximum size {REQUEST_MAX_BYTES}\n")
@@ -358,9 +382,8 @@ def _vectored_read(session: IoSession, argv: list[str], name: str, optstring: st
     args = parser.argv[parser.optind:]
     if len(args) < 2:
         return _usage(session, name)
-    offset = cvtnum(session, args[0])
+    offset = number_arg(session, args[0])
     if offset < 0:
-        cvtnum_error(session, offset, args[0])
         return offset
     lengths = _lengths(session, args[1:])
     if lengths is None:
@@ -441,24 +464,13 @@ def write_body(session: IoSession, argv: list[str]) -> int:
     if zeroes + pattern_flag + from_file > 1:
         session.out("Only one of -z, -P, and -s can be specified at the same time\n")
         return -EINVAL
-    offset = cvtnum(session, args[0])
-    if offset < 0:
-        cvtnum_error(session, offset, args[0])
-        return offset
-    count = cvtnum(session, args[1])
-    if count < 0:
-        cvtnum_error(session, count, args[1])
-        return count
-    if count > REQUEST_MAX_BYTES and not no_fallback:
-        session.out(f"length cannot exceed {REQUEST_MAX_BYTES} without -n, given {args[1]}\n")
+    status, offset, count = _offset_and_count(session, args)
+    if status:
+        return status
+    if not no_fallback and not _within_request_limit(session, count, args[1], " without -n"):
         return -EINVAL
-    if vmstate or compressed:
-        if offset % SECTOR:
-            session.out(f"{offset} is not a sector-aligned value for 'offset'\n")
-            return -EINVAL
-        if count % SECTOR:
-            session.out(f"{count} is not a sector-aligned value for 'count'\n")
-            return -EINVAL
+    if (vmstate or compressed) and not _sector_aligned(session, offset, count):
+        return -EINVAL
     fill = _Pattern(pattern)
     if from_file:
         source = _source_file(session, source_name, count)
@@ -576,49 +588,20 @@ def _write_compressed(session: IoSession, offset: int, count: int, fill: _Patter
 
 
 def writev_body(session: IoSession, argv: list[str]) -> int:
-    machine = quiet = fua = False
-    pattern = 0xCD
-    parser = _getopt(argv, "CfqP:", session)
-    for option, value in parser:
-        if option == "C":
-            machine = True
-        elif option == "f":
-            fua = True
-        elif option == "q":
-            quiet = True
-        elif option == "P":
-            pattern = parse_pattern(session, value or "")
-            if pattern < 0:
-                return -EINVAL
-        else:
-            return _usage(session, "writev")
-    args = parser.argv[parser.optind:]
-    if len(args) < 2:
-        return _usage(session, "writev")
-    offset = cvtnum(session, args[0])
-    if offset < 0:
-        cvtnum_error(session, offset, args[0])
-        return offset
-    lengths = _lengths(session, args[1:])
-    if lengths is None:
-        return -EINVAL
-    total = sum(lengths)
-    started = time.monotonic_ns()
-    error_code = _write_data(session, offset, total, _Pattern(pattern),
-                             fua or session.writethrough)
-    elapsed = _elapsed(started)
-    if error_code:
-        session.out(f"writev failed: {strerror(error_code)}\n")
-        return -error_code
-    if not quiet:
-        session.out(report_lines("wrote", elapsed, offset, total, total, 1, machine))
-    return 0
+    return _vectored_write(session, argv, "writev", "CfqP:", asynchronous=False)
 
 
 def aio_write_body(session: IoSession, argv: list[str]) -> int:
+    return _vectored_write(session, argv, "aio_write", "CfiqP:uz", asynchronous=True)
+
+
+def _vectored_write(session: IoSession, argv: list[str], name: str, optstring: str,
+                    asynchronous: bool) -> int:
+    """writev and aio_write: one write of the lengths' sum (aio_write may write
+    zeroes); a failed aio_write still returns 0, as QEMU's callback does."""
     machine = quiet = zeroes = fua = may_unmap = False
     pattern = 0xCD
-    parser = _getopt(argv, "CfiqP:uz", session)
+    parser = _getopt(argv, optstring, session)
     for option, value in parser:
         if option == "C":
             machine = True
@@ -638,24 +621,22 @@ def aio_write_body(session: IoSession, argv: list[str]) -> int:
         elif option == "z":
             zeroes = True
         else:
-            return _usage(session, "aio_write")
+            return _usage(session, name)
     args = parser.argv[parser.optind:]
     if len(args) < 2:
-        return _usage(session, "aio_write")
+        return _usage(session, name)
     if zeroes and len(args) != 2:
         session.out("-z supports only a single length parameter\n")
         return -EINVAL
     if may_unmap and not zeroes:
         session.out("-u requires -z to be specified\n")
         return -EINVAL
-    offset = cvtnum(session, args[0])
+    offset = number_arg(session, args[0])
     if offset < 0:
-        cvtnum_error(session, offset, args[0])
         return offset
     if zeroes:
-        count = cvtnum(session, args[1])
+        count = number_arg(session, args[1])
         if count < 0:
-            cvtnum_error(session, count, args[1])
             return count
         error_code = _write_zeroes(session, offset, count, may_unmap,
                                    fua or session.writethrough, False)
@@ -671,8 +652,8 @@ def aio_write_body(session: IoSession, argv: list[str]) -> int:
                                  fua or session.writethrough)
         elapsed = _elapsed(started)
     if error_code:
-        session.out(f"aio_write failed: {strerror(error_code)}\n")
-        return 0
+        session.out(f"{name} failed: {strerror(error_code)}\n")
+        return 0 if asynchronous else -error_code
     if not quiet:
         session.out(report_lines("wrote", elapsed, offset, count, count, 1, machine))
     return 0
@@ -710,9 +691,8 @@ def truncate_body(session: IoSession, argv: list[str]) -> int:
             return _usage(session, "truncate")
     if parser.optind >= len(parser.argv):
         return _usage(session, "truncate")
-    offset = cvtnum(session, parser.argv[parser.optind])
+    offset = number_arg(session, parser.argv[parser.optind], shown=argv[1])
     if offset < 0:
-        cvtnum_error(session, offset, argv[1])
         return offset
     resize = getattr(session.node, "truncate", None)
     if resize is None:
@@ -774,16 +754,10 @@ def discard_body(session: IoSession, argv: list[str]) -> int:
     args = parser.argv[parser.optind:]
     if len(args) != 2:
         return _usage(session, "discard")
-    offset = cvtnum(session, args[0])
-    if offset < 0:
-        cvtnum_error(session, offset, args[0])
-        return offset
-    count = cvtnum(session, args[1])
-    if count < 0:
-        cvtnum_error(session, count, args[1])
-        return count
-    if count > REQUEST_MAX_BYTES:
-        session.out(f"length cannot exceed {REQUEST_MAX_BYTES}, given {args[1]}\n")
+    status, offset, count = _offset_and_count(session, args)
+    if status:
+        return status
+    if not _within_request_limit(session, count, args[1]):
         return -EINVAL
     started = time.monotonic_ns()
     try:
@@ -806,9 +780,8 @@ def alloc_body(session: IoSession, argv: list[str]) -> int:
         cvtnum_error(session, offset, argv[1])
         return offset
     if len(argv) == 3:
-        count = cvtnum(session, argv[2])
+        count = number_arg(session, argv[2])
         if count < 0:
-            cvtnum_error(session, count, argv[2])
             return count
     else:
         count = SECTOR
@@ -900,9 +873,8 @@ def abort_body(session: IoSession, argv: list[str]) -> int:
 def sigraise_body(session: IoSession, argv: list[str]) -> int:
     import signal
 
-    number = cvtnum(session, argv[1])
+    number = number_arg(session, argv[1])
     if number < 0:
-        cvtnum_error(session, number, argv[1])
         return number
     if number > signal.NSIG:
         session.out(f"signal argument '{argv[1]}' is too large to be a valid signal\n")
