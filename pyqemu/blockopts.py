@@ -89,6 +89,19 @@ class QemuOpts:
         signed = value - (1 << 64) if value >= 1 << 63 else value
         self.items.append(ParsedOption(name, str(signed), value & ((1 << 64) - 1)))
 
+    def command_line_values(self) -> dict[str, str]:
+        """Each option as a command-line string (on/off, decimal numbers),
+        the form imgengine.create_image takes."""
+        values: dict[str, str] = {}
+        for item in self.items:
+            if isinstance(item.value, bool):
+                values[item.name] = "on" if item.value else "off"
+            elif isinstance(item.value, int):
+                values[item.name] = str(item.value)
+            else:
+                values[item.name] = item.text
+        return values
+
     def has(self, name: str) -> bool:
         return self.find(name) is not None
 

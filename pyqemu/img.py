@@ -8,10 +8,13 @@ img_compare), imported only when that subcommand runs so start-up stays small.
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from pyqemu.console import Console, program_name, release_stdout
 from pyqemu.getopt import NO_ARGUMENT, REQUIRED_ARGUMENT, GetOpt, LongOption
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 VERSION = "7.2.0 (pyqemu 0.1.0)"
 COPYRIGHT = "Copyright (c) 2003-2022 Fabrice Bellard and the QEMU Project developers"
@@ -75,6 +78,34 @@ class ImgTool:
         if option == ":":
             return self.error_exit(f"missing argument for option '{culprit}'")
         return self.error_exit(f"unrecognized option '{culprit}'")
+
+    def options(self, parser: GetOpt, *, failure_status: int = 1
+                ) -> Iterator[tuple[str, str | None]]:
+        """A subcommand's options, with what every subcommand answers alike
+        done here: a bad or missing argument, -h, and --object (which these
+        front ends do not offer; failure_status is the subcommand's exit)."""
+        for option, value in parser:
+            if option in (":", "?"):
+                raise self.bad_option(parser, option)
+            if option == "h":
+                raise self.help()
+            if option == "object":
+                self.error("--object is not supported by this qemu-img (pyqemu)")
+                raise Exit(failure_status)
+            yield option, value
+
+    def one_filename(self, parser: GetOpt) -> str:
+        """The single image file name after the options (info, map, check)."""
+        if parser.optind != len(parser.argv) - 1:
+            raise self.error_exit("Expecting one image file name")
+        return parser.argv[parser.optind]
+
+    def output_is_json(self, output: str | None) -> bool:
+        """--output: human (the default) or json; anything else ends with status 1."""
+        if output is not None and output not in ("json", "human"):
+            self.error("--output must be used with human or json as argument.")
+            raise Exit(1)
+        return output == "json"
 
     def help(self) -> Exit:
         from pyqemu.helptext import HELP_BOTTOM, IMG_HELP_BODY

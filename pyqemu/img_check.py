@@ -115,11 +115,7 @@ def main(tool: ImgTool, argv: list[str]) -> int:
     force_share = False
     parser = tool.getopt(argv, ":hf:r:T:qU", (HELP, FORMAT, REPAIR, OUTPUT, OBJECT,
                                               IMAGE_OPTS, FORCE_SHARE))
-    for option, value in parser:
-        if option in (":", "?"):
-            raise tool.bad_option(parser, option)
-        if option == "h":
-            raise tool.help()
+    for option, value in tool.options(parser):
         if option == "f":
             fmt = value
         elif option == "r":
@@ -140,16 +136,8 @@ def main(tool: ImgTool, argv: list[str]) -> int:
             force_share = True
         elif option == "image-opts":
             image_opts = True
-        elif option == "object":
-            tool.error("--object is not supported by this qemu-img (pyqemu)")
-            return 1
-    if parser.optind != len(parser.argv) - 1:
-        raise tool.error_exit("Expecting one image file name")
-    filename = parser.argv[parser.optind]
-    if output is not None and output not in ("json", "human"):
-        tool.error("--output must be used with human or json as argument.")
-        return 1
-    as_json = output == "json"
+    filename = tool.one_filename(parser)
+    as_json = tool.output_is_json(output)
     if cache not in CACHE_MODES:
         tool.error(f"Invalid source cache option: {cache}")
         return 1

@@ -75,11 +75,7 @@ def main(tool: ImgTool, argv: list[str]) -> int:
     image_opts = False
     force_share = False
     parser = tool.getopt(argv, ":hf:F:T:pqsU", (HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE))
-    for option, value in parser:
-        if option in (":", "?"):
-            raise tool.bad_option(parser, option)
-        if option == "h":
-            raise tool.help()
+    for option, value in tool.options(parser, failure_status=2):
         if option == "f":
             fmt1 = value
         elif option == "F":
@@ -94,9 +90,6 @@ def main(tool: ImgTool, argv: list[str]) -> int:
             force_share = True
         elif option == "image-opts":
             image_opts = True
-        elif option == "object":
-            tool.error("--object is not supported by this qemu-img (pyqemu)")
-            return 2
     if parser.optind != len(parser.argv) - 2:
         raise tool.error_exit("Expecting two image file names")
     filename1, filename2 = parser.argv[parser.optind:parser.optind + 2]

@@ -325,12 +325,8 @@ def main(tool: ImgTool, argv: list[str]) -> int:
     snapshot: str | None = None
     converter = _Converter(tool)
     parser = tool.getopt(argv, ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:", LONG_OPTIONS)
-    for option, value in parser:
+    for option, value in tool.options(parser):
         text = value or ""
-        if option in (":", "?"):
-            raise tool.bad_option(parser, option)
-        if option == "h":
-            raise tool.help()
         if option == "f":
             fmt = text
         elif option == "O":
@@ -380,9 +376,6 @@ def main(tool: ImgTool, argv: list[str]) -> int:
             pass        # the copy is sequential; nothing is locked here
         elif option == "r":
             cvtnum(tool, "rate limit", text)
-        elif option == "object":
-            tool.error("--object is not supported by this qemu-img (pyqemu)")
-            return 1
         elif option == "image-opts":
             image_opts = True
         elif option == "salvage":
@@ -529,14 +522,7 @@ def _convert(tool: ImgTool, converter: _Converter, sources: list[str], out_filen
             return 1
     if opts is not None:
         assert out_fmt is not None
-        values: dict[str, str] = {}
-        for item in opts.items:
-            if isinstance(item.value, bool):
-                values[item.name] = "on" if item.value else "off"
-            elif isinstance(item.value, int):
-                values[item.name] = str(item.value)
-            else:
-                values[item.name] = item.text
+        values = opts.command_line_values()
         try:
             imgengine.create_image(out_filename, out_fmt, values, unsafe=True)
         except (imgengine.ImageError, OSError) as error:

@@ -125,11 +125,7 @@ def main(tool: ImgTool, argv: list[str]) -> int:
     quiet = False
     no_backing = False
     parser = tool.getopt(argv, ":F:b:f:ho:qu", (HELP, OBJECT))
-    for option, value in parser:
-        if option in (":", "?"):
-            raise tool.bad_option(parser, option)
-        if option == "h":
-            raise tool.help()
+    for option, value in tool.options(parser):
         if option == "F":
             base_fmt = value
         elif option == "b":
@@ -146,9 +142,6 @@ def main(tool: ImgTool, argv: list[str]) -> int:
             quiet = True
         elif option == "u":
             no_backing = True
-        elif option == "object":
-            tool.error("--object is not supported by this qemu-img (pyqemu)")
-            return 1
     args = parser.argv[parser.optind:]
     filename = args[0] if args else None
     if options is not None and has_help_option(options):
@@ -236,14 +229,7 @@ def _create(tool: ImgTool, filename: str, fmt: str, base_filename: str | None,
     if not quiet:
         tool.out(f"Formatting '{filename}', fmt={fmt} {opts.print_line()}\n")
         tool.console.flush()
-    values: dict[str, str] = {}
-    for item in opts.items:
-        if isinstance(item.value, bool):
-            values[item.name] = "on" if item.value else "off"
-        elif isinstance(item.value, int):
-            values[item.name] = str(item.value)
-        else:
-            values[item.name] = item.text
+    values = opts.command_line_values()
     values["size"] = str(image_size)
     try:
         # the backing file was checked above, as QEMU checks it: the engine

@@ -25,20 +25,13 @@ def main(tool: ImgTool, argv: list[str]) -> int:
     image_opts = False
     force_share = False
     parser = tool.getopt(argv, ":hf:O:U", (HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE))
-    for option, value in parser:
+    for option, value in tool.options(parser):
         if option == "O":
             out_fmt = value or ""
         elif option == "f":
             fmt = value
-        elif option in (":", "?"):
-            raise tool.bad_option(parser, option)
-        elif option == "h":
-            raise tool.help()
         elif option == "U":
             force_share = True
-        elif option == "object":
-            tool.error("--object is not supported by this qemu-img (pyqemu)")
-            return 1
         elif option == "image-opts":
             image_opts = True
 

@@ -81,11 +81,7 @@ def main(tool: ImgTool, argv: list[str]) -> int:
     image_opts = False
     parser = tool.getopt(argv, ":f:hU", (HELP, FORMAT, OUTPUT, BACKING_CHAIN, OBJECT,
                                          IMAGE_OPTS, FORCE_SHARE))
-    for option, value in parser:
-        if option in (":", "?"):
-            raise tool.bad_option(parser, option)
-        if option == "h":
-            raise tool.help()
+    for option, value in tool.options(parser):
         if option == "f":
             fmt = value
         elif option == "output":
@@ -94,15 +90,8 @@ def main(tool: ImgTool, argv: list[str]) -> int:
             chain = True
         elif option == "image-opts":
             image_opts = True
-        elif option == "object":
-            tool.error("--object is not supported by this qemu-img (pyqemu)")
-            return 1
-    if parser.optind != len(parser.argv) - 1:
-        raise tool.error_exit("Expecting one image file name")
-    filename: str | None = parser.argv[parser.optind]
-    if output is not None and output not in ("json", "human"):
-        tool.error("--output must be used with human or json as argument.")
-        return 1
+    filename: str | None = tool.one_filename(parser)
+    as_json = tool.output_is_json(output)
 
     records: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -135,7 +124,7 @@ def main(tool: ImgTool, argv: list[str]) -> int:
             if "backing-filename-format" in record:
                 fmt = str(record["backing-filename-format"])
 
-    if output == "json":
+    if as_json:
         if chain:
             tool.out(to_json([ordered(record) for record in records]) + "\n")
         else:

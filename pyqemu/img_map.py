@@ -80,11 +80,7 @@ def main(tool: ImgTool, argv: list[str]) -> int:
     max_length = -1
     parser = tool.getopt(argv, ":f:s:l:hU", (HELP, FORMAT, OUTPUT, OBJECT, IMAGE_OPTS,
                                              FORCE_SHARE, START_OFFSET, MAX_LENGTH))
-    for option, value in parser:
-        if option in (":", "?"):
-            raise tool.bad_option(parser, option)
-        if option == "h":
-            raise tool.help()
+    for option, value in tool.options(parser):
         if option == "f":
             fmt = value
         elif option == "U":
@@ -97,16 +93,8 @@ def main(tool: ImgTool, argv: list[str]) -> int:
             max_length = cvtnum(tool, "max length", value or "")
         elif option == "image-opts":
             image_opts = True
-        elif option == "object":
-            tool.error("--object is not supported by this qemu-img (pyqemu)")
-            return 1
-    if parser.optind != len(parser.argv) - 1:
-        raise tool.error_exit("Expecting one image file name")
-    filename = parser.argv[parser.optind]
-    if output is not None and output not in ("json", "human"):
-        tool.error("--output must be used with human or json as argument.")
-        return 1
-    as_json = output == "json"
+    filename = tool.one_filename(parser)
+    as_json = tool.output_is_json(output)
 
     node = open_image(tool, filename, fmt, image_opts, read_only=True, force_share=force_share)
     try:

@@ -35,18 +35,11 @@ def main(tool: ImgTool, argv: list[str]) -> int:
     quiet = image_opts = shrink = False
     prealloc = "off"
     parser = tool.getopt(argv[:-1], ":f:hq", (HELP, OBJECT, IMAGE_OPTS, PREALLOCATION, SHRINK))
-    for option, value in parser:
-        if option in (":", "?"):
-            raise tool.bad_option(parser, option)
-        if option == "h":
-            raise tool.help()
+    for option, value in tool.options(parser):
         if option == "f":
             fmt = value
         elif option == "q":
             quiet = True
-        elif option == "object":
-            tool.error("--object is not supported by this qemu-img (pyqemu)")
-            return 1
         elif option == "image-opts":
             image_opts = True
         elif option == "preallocation":
