@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -36,13 +37,21 @@ def _pytest(args: list[str]) -> int:
     return int(pytest.main(["--rootdir", str(ROOT), *args]))
 
 
+def _is_case_target(arg: str) -> bool:
+    """A case file (with or without a ::selector) or a folder of them; an
+    option's value that happens to name a file is not one."""
+    path = Path(arg.split("::")[0])
+    return path.suffix == ".yaml" or (path.is_dir() and any(path.glob("*.yaml")))
+
+
 def check(extra: list[str]) -> int:
-    for arg in extra:
+    targets = [arg for arg in extra if _is_case_target(arg)]
+    for target in targets:
         # pytest under xdist would only say "no tests ran" for a mistyped case
-        if arg.endswith(".yaml") and not Path(arg.split("::")[0]).exists():
-            print(f"harness check: {arg}: no such case file", file=sys.stderr)
+        if not Path(target.split("::")[0]).exists():
+            print(f"harness check: {target}: no such case file", file=sys.stderr)
             return 2
-    targets = [] if any(Path(arg).exists() for arg in extra) else [str(CASES)]
+    targets = [] if targets else [str(CASES)]
     return _pytest([*targets, "--backend", "all", "--case-report", "-q", *_parallel(), *extra])
 
 
@@ -58,6 +67,10 @@ def bless(cases: list[str]) -> int:
     for target in targets:
         if not Path(target).exists():
             print(f"harness bless: {target}: no such case file", file=sys.stderr)
+            return 2
+        if not _is_case_target(target):
+            print(f"harness bless: {target} is not a case file (cases/NNN-name.yaml) "
+                  "or a folder of them", file=sys.stderr)
             return 2
     workers = _parallel() if len(targets) > 1 or not cases else []
     return _pytest([*targets, "--backend", "qemu", "--regen-all", "--case-report", "-q",
@@ -124,5 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     return run(args.case, args.backend, args.raw)
 
 
+def _main_quietly_on_a_closed_pipe() -> int:
+    try:
+        status = main()
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        # the reader (say `| head`) has all it wanted; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main_quietly_on_a_closed_pipe())

@@ -36,10 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import filters
-from harness.expr import PathRef, Value, describe_value, interpolate
+from harness.expr import PathRef, Value, describe_value, interpolate, resolve_deferred
 from harness.schema import (
     QEMU_IMG,
     QEMU_IO,
+    TEST_DIR_MARK,
     CaseError,
     Command,
     Echo,
@@ -365,6 +366,11 @@ class Expander:
                scope: Scope, via: tuple[int, ...], merge: bool,
                default_filters: tuple[str, ...]) -> Command:
         """The Command, with the step's own `stderr:`/`filter:` over the defaults."""
+        # (the test directory and image paths are still NUL-marked here)
+        if any("\0" in resolve_deferred(arg, lambda ref: "").replace(TEST_DIR_MARK, "")
+               for arg in args):
+            raise CaseError(self.path, line, "a command-line argument cannot hold a NUL "
+                                             "character")
         if "stderr" in options:
             merge = self.stderr_mode(options["stderr"], scope)
         chosen = default_filters

@@ -76,6 +76,7 @@ def check_golden(file_regression: Any, obtained: str, golden: Path, bad: Path, *
     __tracebackhide__ = True
     config = file_regression.request.config
     regenerating = config.getoption("force_regen") or config.getoption("regen_all")
+    golden.parent.mkdir(parents=True, exist_ok=True)
     if not golden.is_file() and not regenerating and backend != QEMU_BACKEND:
         bad.write_text(obtained, encoding="utf-8", newline="")
         raise GoldenMissing(

@@ -25,6 +25,12 @@ class Result:
     status: int
 
 
+def killed_note(tool: str, signal_number: int) -> str:
+    """The line a backend adds where a tool died of a signal (what a shell
+    would report), in the stream the tool's stderr goes to."""
+    return f"{tool}: killed by signal {signal_number}\n"
+
+
 class Backend(ABC):
     name: str = ""
 

@@ -5,18 +5,28 @@ stderr (one shared buffer when stderr is merged), which is the same text the
 `pyqemu-*` processes print, without a process start per step. An exception
 escaping `run` is printed as a traceback on its stderr with status 1, the
 way the process would die, so the transcript diff shows where it happened.
+
+The call runs in the case's directory, as a process would, so relative file
+names mean the same on every backend. A run "killed" by a signal in-process
+(qemu-io's abort, sigraise) returns 128 + the signal number, as a shell
+reports it; it gets the same note and status as a real killed process.
 """
 
 from __future__ import annotations
 
 import importlib
 import io
+import os
 import traceback
 from collections.abc import Callable
 from typing import TextIO
 
-from harness.backends.base import Backend, BackendError, Result
+from harness.backends.base import Backend, BackendError, Result, killed_note
 from harness.schema import QEMU_IMG, QEMU_IO
+
+# statuses above this are 128 + a signal number (exit statuses of QEMU's
+# tools are small)
+_KILLED = 128
 
 EntryPoint = Callable[[list[str], TextIO, TextIO, TextIO], int]
 
@@ -44,11 +54,20 @@ class EngineBackend(Backend):
         entry = self._entry(tool)
         stdout = io.StringIO()
         stderr = stdout if merge_stderr else io.StringIO()
+        home = os.getcwd()
+        os.chdir(cwd)
         try:
             status = entry(list(argv), io.StringIO(""), stdout, stderr)
         except (Exception, SystemExit):
             stderr.write(traceback.format_exc())
             status = 1
+        finally:
+            os.chdir(home)
+        if not isinstance(status, int):
+            status = 1
+        if status > _KILLED:
+            stderr.write(killed_note(tool, status - _KILLED))
+            status = _KILLED - status
         return Result(stdout=stdout.getvalue(),
                       stderr="" if merge_stderr else stderr.getvalue(),
-                      status=status if isinstance(status, int) else 1)
+                      status=status)

@@ -9,7 +9,7 @@ from abc import abstractmethod
 
 import sh
 
-from harness.backends.base import Backend, BackendError, Result
+from harness.backends.base import Backend, BackendError, Result, killed_note
 
 
 class ProcessBackend(Backend):
@@ -35,6 +35,8 @@ class ProcessBackend(Backend):
             program = self.programs().get(tool)
             if program is None:
                 raise BackendError(self.missing_program_message(tool))
+            if "/" not in program:  # a bare name, as a shell would take it
+                program = shutil.which(program) or program
             # sh would fail later with its own exception type and a traceback
             if not (os.path.isfile(program) and os.access(program, os.X_OK)):
                 raise BackendError(f"{self.describe_program(tool, program)} "
@@ -50,7 +52,7 @@ class ProcessBackend(Backend):
             stdout, stderr, status = process.stdout, process.stderr, process.exit_code
         except sh.ErrorReturnCode as died:  # killed by a signal
             stdout, stderr, status = died.stdout, died.stderr, died.exit_code
-            note = f"{tool}: killed by signal {-status}\n".encode()
+            note = killed_note(tool, -status).encode()
             if merge_stderr:
                 stdout += note
             else:

@@ -70,6 +70,27 @@ def test_engine_prints_an_escaping_exception_like_a_dying_process():
     assert result.status == 1
 
 
+def test_engine_runs_the_call_in_the_case_directory(tmp_path):
+    def fake_img(argv, stdin, stdout, stderr):
+        stdout.write(os.getcwd())
+        return 0
+
+    home = os.getcwd()
+    result = engine_with(img=fake_img).run("qemu-img", [], cwd=str(tmp_path), merge_stderr=False)
+    assert result.stdout == str(tmp_path)
+    assert os.getcwd() == home
+
+
+def test_engine_reports_an_in_process_kill_like_a_killed_process():
+    def aborting(argv, stdin, stdout, stderr):
+        stdout.write("partial\n")
+        return 128 + 6
+
+    result = engine_with(io=aborting).run("qemu-io", [], cwd="/", merge_stderr=False)
+    assert (result.stdout, result.stderr, result.status) == (
+        "partial\n", "qemu-io: killed by signal 6\n", -6)
+
+
 def test_engine_reports_front_ends_that_cannot_be_imported(monkeypatch):
     import sys
 
@@ -134,6 +155,28 @@ def test_process_backend_reports_a_signal(script, tmp_path):
 def test_process_backend_without_its_program_fails_clearly(tmp_path):
     with pytest.raises(BackendError, match="qemu-img not found"):
         ScriptBackend(None).run("qemu-img", [], cwd=str(tmp_path), merge_stderr=False)
+
+
+def test_process_backend_refuses_a_program_that_cannot_run(tmp_path):
+    text = tmp_path / "not-a-program"
+    text.write_text("just text\n")
+    for program in (str(text), str(tmp_path / "missing"), str(tmp_path)):
+        with pytest.raises(BackendError, match=" is not an executable file$"):
+            ScriptBackend(program).run("qemu-img", [], cwd=str(tmp_path), merge_stderr=False)
+
+
+def test_qemu_backend_names_the_variable_of_a_program_that_cannot_run(monkeypatch, tmp_path):
+    monkeypatch.setenv("QEMU_IMG_PROG", str(tmp_path / "missing"))
+    with pytest.raises(BackendError) as caught:
+        QemuBackend().run("qemu-img", [], cwd=str(tmp_path), merge_stderr=False)
+    assert str(caught.value) == f"$QEMU_IMG_PROG={tmp_path}/missing is not an executable file"
+
+
+def test_qemu_backend_takes_a_bare_program_name_from_the_path(monkeypatch, script):
+    monkeypatch.setenv("PATH", str(script.parent))
+    monkeypatch.setenv("QEMU_IO_PROG", script.name)
+    result = QemuBackend().run("qemu-io", ["x"], cwd=os.getcwd(), merge_stderr=True)
+    assert result.stdout.startswith("args:x\n")
 
 
 def test_qemu_backend_runs_real_qemu(qemu_img, tmp_path):

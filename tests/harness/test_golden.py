@@ -85,6 +85,15 @@ def test_differing_golden_fails_with_a_diff_and_keeps_the_output(project):
     assert (project / "golden" / "900.out").read_text() == transcript("900", "hello")
 
 
+def test_missing_golden_folder_is_reported_like_a_missing_golden(project):
+    (project / "golden").rmdir()
+    add_case(project, "900-print.yaml")
+    run = pytest_run(project, "cases")
+    assert run.returncode == 1
+    assert "golden/900.out does not exist" in run.stdout
+    assert (project / "golden" / "900.out.bad").read_text() == transcript("900", "hello")
+
+
 def test_golden_without_a_case_is_a_failing_item(project):
     add_case(project, "900-print.yaml")
     (project / "golden" / "900.out").write_text(transcript("900", "hello"))

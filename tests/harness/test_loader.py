@@ -166,6 +166,8 @@ MALFORMED = [
     pytest.param("title: t\nvars: {a: '${0xffffffffffff * 0xffffffffffff}'}\nsteps: []\n",
                  "CASE:2: bad arithmetic in '${0xffffffffffff * 0xffffffffffff}': the result "
                  "is 2**64 or more", id="huge-result"),
+    pytest.param('title: t\nsteps:\n  - qemu-img: {args: [info, "a\\0b"]}\n',
+                 "CASE:3: a command-line argument cannot hold a NUL character", id="nul-in-args"),
     pytest.param("title: t\nsteps: &s [*s]\n",
                  "CASE:2: YAML aliases are not supported (use blocks: and use: to repeat steps)",
                  id="recursive-alias"),

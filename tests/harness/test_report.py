@@ -67,3 +67,32 @@ def test_check_names_a_case_file_that_does_not_exist():
     done = harness("check", "cases/999-no-such-case.yaml")
     assert done.returncode == 2
     assert done.stderr == "harness check: cases/999-no-such-case.yaml: no such case file\n"
+
+
+def test_bless_takes_case_files_only():
+    done = harness("bless", "tests/harness/test_expr.py")
+    assert done.returncode == 2
+    assert done.stderr == ("harness bless: tests/harness/test_expr.py is not a case file "
+                           "(cases/NNN-name.yaml) or a folder of them\n")
+
+
+def test_check_runs_the_cases_when_an_option_value_names_a_file(tmp_path):
+    junit = tmp_path / "report.xml"
+    junit.write_text("")
+    done = harness("check", "--junitxml", str(junit), "--collect-only", "-q")
+    listed = [line for line in done.stdout.splitlines() if line.startswith(("cases", "tests"))]
+    assert listed and all(line.startswith("cases") for line in listed), done.stdout
+
+
+def test_run_stops_quietly_when_the_reader_goes_away(tmp_path):
+    # more output than a pipe holds, so the writer meets the closed pipe
+    long = tmp_path / "900-long.yaml"
+    long.write_text("title: t\nsteps:\n"
+                    + "".join(f"  - echo: line {n} {'x' * 100}\n" for n in range(3000)))
+    reader = subprocess.Popen([sys.executable, "-m", "harness", "run", str(long)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert reader.stdout is not None
+    reader.stdout.readline()
+    reader.stdout.close()
+    _, errors = reader.communicate()
+    assert b"Traceback" not in errors
