@@ -77,7 +77,7 @@ from .format import (
     validate_compression_type,
     validate_table,
 )
-from .refcount import refcount_metadata_size
+from .refcount import RefcountAreaLayout, queue_discard
 
 if TYPE_CHECKING:
     from .driver import Qcow2Driver
@@ -1053,25 +1053,7 @@ class Qcow2Checker:
         return self.cache.table(slot)[cluster_index & (self.refblock_size - 1)]
 
     def _queue_discard(self, offset: int, length: int) -> None:
-        merged = None
-        for region in self.discards:
-            new_start = min(offset, region[0])
-            new_end = max(offset + length, region[0] + region[1])
-            if new_end - new_start <= length + region[1]:
-                region[0] = new_start
-                region[1] = new_end - new_start
-                merged = region
-                break
-        if merged is None:
-            merged = [offset, length]
-            self.discards.append(merged)
-        for other in list(self.discards):
-            if other is merged or other[0] > merged[0] + merged[1] \
-                    or merged[0] > other[0] + other[1]:
-                continue
-            self.discards.remove(other)
-            merged[0] = min(merged[0], other[0])
-            merged[1] += other[1]
+        queue_discard(self.discards, offset, length)
 
     def _process_discards(self, success: bool) -> None:
         discards, self.discards = self.discards, []
@@ -1231,29 +1213,19 @@ class Qcow2Checker:
                       new_block_index: int, new_block_offset: int) -> int:
         """qcow2_refcount_area: a new self-describing table and blocks at ``start_offset``."""
         cs = self.cluster_size
-        _, total_blocks = refcount_metadata_size(start_offset // cs + additional_clusters, cs,
-                                                 self.refcount_order, not exact_size)
-        if total_blocks > MAX_REFTABLE_SIZE:
-            raise _Errno(errno.EFBIG)
-        area_index = (start_offset // cs) // self.refblock_size
-        table_size = total_blocks if exact_size else total_blocks + -(-total_blocks // 2)
-        per_cluster = cs // REFTABLE_ENTRY_SIZE
-        table_size = -(-table_size // per_cluster) * per_cluster
-        table_clusters = table_size * REFTABLE_ENTRY_SIZE // cs
-        if table_size > MAX_REFTABLE_SIZE:
-            raise _Errno(errno.EFBIG)
-        new_table = [0] * table_size
-        keep = self.max_reftable_index + 1 if table_size > self.max_reftable_index \
-            else table_size
-        new_table[:keep] = self.reftable[:keep]
-        if new_block_offset:
-            new_table[new_block_index] = new_block_offset
-        additional = sum(1 for i in range(area_index, total_blocks) if not new_table[i])
-        table_offset = start_offset + additional * cs
-        end_offset = table_offset + table_clusters * cs
+        try:
+            area = RefcountAreaLayout(start_offset, additional_clusters, exact_size, cs,
+                                      self.refcount_order, self.reftable,
+                                      self.max_reftable_index, new_block_index,
+                                      new_block_offset)
+        except ImageError as error:
+            raise _Errno(error.errno or errno.EFBIG) from None
+        new_table = list(area.table)        # the checker keeps its table as a list
+        table_offset, table_size = area.table_offset, area.table_size
+        table_clusters, end_offset = area.table_clusters, area.end_offset
 
         block_offset = start_offset
-        for i in range(area_index, total_blocks):
+        for i in range(area.area_index, area.total_blocks):
             if new_table[i]:
                 slot = self.cache.get(new_table[i])
             else:
@@ -1261,12 +1233,10 @@ class Qcow2Checker:
                 self.cache.mark_dirty(slot)
                 new_table[i] = block_offset
                 block_offset += cs
-            first_covered = i * self.refblock_size * cs
-            if first_covered < end_offset:
-                j = (start_offset - first_covered) // cs if first_covered < start_offset else 0
-                end_index = min((end_offset - first_covered) // cs, self.refblock_size)
+            own = area.self_references(i, self.refblock_size, cs, start_offset)
+            if own:
                 table = self.cache.table(slot)
-                for k in range(j, end_index):
+                for k in own:
                     table[k] = 1
                 self.cache.mark_dirty(slot)
         self.cache.flush()

@@ -391,16 +391,21 @@ class ClusterMapping:
             break
         return nbytes - remaining, host_offset, metas
 
+    def _clusters_in_slice(self: Qcow2Driver, guest_offset: int, nbytes: int) -> int:
+        """Clusters the range touches, capped at the end of its L2 slice and at
+        the largest request (handle_copied and handle_alloc look no further)."""
+        cb = self.cluster_bits
+        oic = guest_offset & (self.cluster_size - 1)
+        slice_index = (guest_offset >> cb) & (self.l2_slice_size - 1)
+        return min((oic + nbytes + self.cluster_size - 1) >> cb,
+                   self.l2_slice_size - slice_index, REQUEST_MAX_BYTES >> cb)
+
     def handle_copied(self: Qcow2Driver, guest_offset: int, host_offset: int, nbytes: int,
                       metas: list[L2Meta]) -> tuple[bool, int, int]:
         """Count clusters that can be overwritten in place."""
         cs = self.cluster_size
-        cb = self.cluster_bits
         oic = guest_offset & (cs - 1)
-        nb_clusters = (oic + nbytes + cs - 1) >> cb
-        slice_index = (guest_offset >> cb) & (self.l2_slice_size - 1)
-        nb_clusters = min(nb_clusters, self.l2_slice_size - slice_index,
-                          REQUEST_MAX_BYTES >> cb)
+        nb_clusters = self._clusters_in_slice(guest_offset, nbytes)
         table, index, _ = self.get_cluster_table(guest_offset)
         entry = table[index]
         cluster_offset = entry & L2E_OFFSET_MASK
@@ -430,10 +435,7 @@ class ClusterMapping:
         cs = self.cluster_size
         cb = self.cluster_bits
         oic = guest_offset & (cs - 1)
-        nb_clusters = (oic + nbytes + cs - 1) >> cb
-        slice_index = (guest_offset >> cb) & (self.l2_slice_size - 1)
-        nb_clusters = min(nb_clusters, self.l2_slice_size - slice_index,
-                          REQUEST_MAX_BYTES >> cb)
+        nb_clusters = self._clusters_in_slice(guest_offset, nbytes)
         table, index, _ = self.get_cluster_table(guest_offset)
         nb_clusters = count_single_write_clusters(table, index, nb_clusters, True, cs)
         if host_offset == INVALID_OFFSET:

@@ -32,6 +32,8 @@ from .format import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from .driver import Qcow2Driver
 
 # Discard types (enum qcow2_discard_type).
@@ -73,6 +75,77 @@ def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int
         if n == last:
             break
     return (blocks + table) * cluster_size, blocks
+
+
+class RefcountAreaLayout:
+    """Where qcow2_refcount_area puts a new self-describing refcount table and
+    the blocks it still lacks: computed alike by the engine and the checker."""
+
+    __slots__ = ("area_index", "total_blocks", "table", "table_size", "table_clusters",
+                 "table_offset", "end_offset")
+
+    def __init__(self, start_offset: int, additional_clusters: int, exact_size: bool,
+                 cluster_size: int, refcount_order: int, table: Sequence[int],
+                 max_table_index: int, new_block_index: int, new_block_offset: int) -> None:
+        cs = cluster_size
+        _, total_blocks = refcount_metadata_size(start_offset // cs + additional_clusters,
+                                                 cs, refcount_order, not exact_size)
+        if total_blocks > MAX_REFTABLE_SIZE:
+            raise ImageError("File too large", errno=errno.EFBIG)
+        block_entries = cs * 8 >> refcount_order
+        self.area_index = (start_offset // cs) // block_entries
+        self.total_blocks = total_blocks
+        table_size = total_blocks if exact_size else total_blocks + -(-total_blocks // 2)
+        per_cluster = cs // REFTABLE_ENTRY_SIZE
+        table_size = -(-table_size // per_cluster) * per_cluster
+        if table_size > MAX_REFTABLE_SIZE:
+            raise ImageError("File too large", errno=errno.EFBIG)
+        self.table_size = table_size
+        self.table_clusters = table_size * REFTABLE_ENTRY_SIZE // cs
+        new_table = array("Q", bytes(8 * table_size))
+        keep = max_table_index + 1 if table_size > max_table_index else table_size
+        new_table[:keep] = array("Q", table[:keep])
+        if new_block_offset:
+            new_table[new_block_index] = new_block_offset
+        self.table = new_table
+        missing = sum(1 for i in range(self.area_index, total_blocks) if not new_table[i])
+        self.table_offset = start_offset + missing * cs
+        self.end_offset = self.table_offset + self.table_clusters * cs
+
+    def self_references(self, block_index: int, block_entries: int, cluster_size: int,
+                        start_offset: int) -> range:
+        """The entries of refcount block ``block_index`` that count the area itself."""
+        first_covered = block_index * block_entries * cluster_size
+        if first_covered >= self.end_offset:
+            return range(0)
+        first = (start_offset - first_covered) // cluster_size \
+            if first_covered < start_offset else 0
+        return range(first, min((self.end_offset - first_covered) // cluster_size,
+                                block_entries))
+
+
+def queue_discard(discards: list[list[int]], offset: int, length: int) -> None:
+    """Add a freed range to the pending discards, merged with those it touches
+    (update_refcount_discard)."""
+    for region in discards:
+        new_start = min(offset, region[0])
+        new_end = max(offset + length, region[0] + region[1])
+        if new_end - new_start <= length + region[1]:
+            region[0] = new_start
+            region[1] = new_end - new_start
+            merged = region
+            break
+    else:
+        merged = [offset, length]
+        discards.append(merged)
+    for other in list(discards):
+        if other is merged:
+            continue
+        if other[0] > merged[0] + merged[1] or merged[0] > other[0] + other[1]:
+            continue
+        discards.remove(other)
+        merged[0] = min(merged[0], other[0])
+        merged[1] += other[1]
 
 
 class Refcounts:
@@ -362,26 +435,7 @@ class Refcounts:
             raise error
 
     def _queue_discard(self, offset: int, length: int) -> None:
-        discards = self.discards
-        for region in discards:
-            new_start = min(offset, region[0])
-            new_end = max(offset + length, region[0] + region[1])
-            if new_end - new_start <= length + region[1]:
-                region[0] = new_start
-                region[1] = new_end - new_start
-                merged = region
-                break
-        else:
-            merged = [offset, length]
-            discards.append(merged)
-        for other in list(discards):
-            if other is merged:
-                continue
-            if other[0] > merged[0] + merged[1] or merged[0] > other[0] + other[1]:
-                continue
-            discards.remove(other)
-            merged[0] = min(merged[0], other[0])
-            merged[1] += other[1]
+        queue_discard(self.discards, offset, length)
 
     def process_discards(self, success: bool) -> None:
         """Pass queued discards down to the file (punch holes)."""
@@ -489,33 +543,15 @@ class Refcounts:
         """
         s = self.s
         cs = self.cluster_size
-        _, total_blocks = refcount_metadata_size(start_offset // cs + additional_clusters,
-                                                 cs, self.order, not exact_size)
-        if total_blocks > MAX_REFTABLE_SIZE:
-            raise ImageError("File too large", errno=errno.EFBIG)
-        area_index = (start_offset // cs) // self.block_entries
-        table_size = total_blocks if exact_size else total_blocks + -(-total_blocks // 2)
-        per_cluster = cs // REFTABLE_ENTRY_SIZE
-        table_size = -(-table_size // per_cluster) * per_cluster
-        table_clusters = table_size * REFTABLE_ENTRY_SIZE // cs
-        if table_size > MAX_REFTABLE_SIZE:
-            raise ImageError("File too large", errno=errno.EFBIG)
-
-        new_table = array("Q", bytes(8 * table_size))
-        if table_size > self.max_table_index:
-            keep = self.max_table_index + 1
-        else:
-            keep = table_size
-        new_table[:keep] = self.table[:keep]
-        if new_block_offset:
-            new_table[new_block_index] = new_block_offset
-
-        additional_blocks = sum(1 for i in range(area_index, total_blocks) if not new_table[i])
-        table_offset = start_offset + additional_blocks * cs
-        end_offset = table_offset + table_clusters * cs
+        area = RefcountAreaLayout(start_offset, additional_clusters, exact_size, cs,
+                                  self.order, self.table, self.max_table_index,
+                                  new_block_index, new_block_offset)
+        new_table = area.table
+        table_offset, table_size = area.table_offset, area.table_size
+        table_clusters, end_offset = area.table_clusters, area.end_offset
 
         block_offset = start_offset
-        for i in range(area_index, total_blocks):
+        for i in range(area.area_index, area.total_blocks):
             if new_table[i]:
                 block = self.cache.get(new_table[i] & REFT_OFFSET_MASK)
                 this_offset = new_table[i] & REFT_OFFSET_MASK
@@ -524,11 +560,9 @@ class Refcounts:
                 this_offset = block_offset
                 new_table[i] = block_offset
                 block_offset += cs
-            first_covered = i * self.block_entries * cs
-            if first_covered < end_offset:
-                j = (start_offset - first_covered) // cs if first_covered < start_offset else 0
-                end_index = min((end_offset - first_covered) // cs, self.block_entries)
-                for k in range(j, end_index):
+            own = area.self_references(i, self.block_entries, cs, start_offset)
+            if own:
+                for k in own:
                     block[k] = 1
                 self.cache.mark_dirty(this_offset)
         self.s.flush_metadata(self.cache)
