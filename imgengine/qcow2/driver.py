@@ -22,7 +22,16 @@ from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError, ImageError, RequestError, UnsupportedImageError
 from ..hostfile import HostFile, NotSupported
-from ..node import DATA, OFFSET_VALID, RECURSE, ZERO, Driver, DriverStatus, fill_zero
+from ..node import (
+    DATA,
+    OFFSET_VALID,
+    RECURSE,
+    ZERO,
+    BlockNode,
+    Driver,
+    DriverStatus,
+    fill_zero,
+)
 from . import format as fmt
 from .cache import TableCache, entry_codec
 from .cluster import (
@@ -1060,15 +1069,17 @@ class Qcow2Driver(ClusterMapping, Driver):
                     self.messages.append(f"Failed to truncate the tail of the image: "
                                          f"{os.strerror(exc.errno)}")
         else:
-            if prealloc != "off":
+            if prealloc not in ("off", "metadata"):
                 # refused before anything changes: the engine does not preallocate
-                # a grown qcow2 image (QEMU does)
+                # data in a grown qcow2 image (QEMU does)
                 raise UnsupportedImageError(f"Preallocation mode '{prealloc}' is not "
                                             f"supported for qcow2 images", errno=errno.ENOTSUP)
             try:
                 self.grow_l1_table(new_l1_size, True)
             except ImageError as exc:
                 raise exc.prefixed("Failed to grow the L1 table: ") from None
+            if prealloc == "metadata":
+                self._preallocate_metadata(old_length, size)
         if zero_new and size > old_length:
             zero_start = -(-old_length // cs) * cs
             if size > zero_start:
@@ -1091,9 +1102,32 @@ class Qcow2Driver(ClusterMapping, Driver):
             self.refcounts.cache.encode, before_write=self.refcounts.cache.before_write)
         self.metadata_prealloc = None
 
-    def truncate_grow(self, size: int) -> None:
+    def truncate_grow(self, size: int, prealloc: str = "off") -> None:
         """Grow a freshly created image to ``size`` bytes (qemu-img create)."""
-        self.truncate(size)
+        self.truncate(size, prealloc=prealloc)
+
+    def _preallocate_metadata(self, offset: int, new_length: int) -> None:
+        """preallocate_co: allocate and map host clusters for ``[offset,
+        new_length)`` without writing data, then extend the file over them."""
+        cs = self.cluster_size
+        host_offset = cur = 0
+        while offset < new_length:
+            request = min(new_length - offset, INT_MAX - INT_MAX % cs)
+            try:
+                cur, host_offset, metas = self.alloc_host_offset(offset, request)
+            except ImageError as exc:
+                raise ImageError(f"Allocating clusters failed: {os.strerror(exc.errno or errno.EIO)}",
+                                 errno=exc.errno) from None
+            try:
+                self._complete_write(metas)
+            except ImageError as exc:
+                for m in metas:
+                    self.alloc_cluster_abort(m)
+                raise ImageError(f"Mapping clusters failed: {os.strerror(exc.errno or errno.EIO)}",
+                                 errno=exc.errno) from None
+            offset += cur
+        if host_offset + cur > self.file.length():
+            self.file.truncate(host_offset + cur)
 
     def shrink_l1_table(self, new_size: int) -> None:
         """Forget the L2 tables past ``new_size`` L1 entries (qcow2_shrink_l1_table)."""
@@ -1298,7 +1332,7 @@ def _validate_create(size: int, options: Mapping[str, object]) -> tuple[int, int
     if compression != "zlib":
         raise UnsupportedImageError("Creating images with zstd compression is not supported",
                                     errno=errno.ENOTSUP)
-    if prealloc != "off":
+    if prealloc not in ("off", "metadata"):
         raise UnsupportedImageError(f"Preallocation mode '{prealloc}' is not supported for "
                                     f"qcow2 images", errno=errno.ENOTSUP)
     return version, cluster_size, refcount_bits.bit_length() - 1
@@ -1338,12 +1372,15 @@ def create_qcow2(filename: str, size: int, options: Mapping[str, object]) -> Non
 
         s = Qcow2Driver.open(HostFile(path, writable=True), read_only=False,
                              options={"_unmap": False})
+        # a node of its own, with no backing file: preallocation's copy on
+        # write reads the (empty) guest view through it
+        BlockNode(s, path, read_only=False, unmap=False)
         try:
             if s.refcounts.alloc_clusters(3 * cluster_size) != 0:
                 raise ImageError("Huh, first cluster in empty image is already in use?",
                                  errno=errno.EIO)
             s.update_header()
-            s.truncate_grow(size)
+            s.truncate_grow(size, str(options.get("preallocation", "off")))
             backing_file = options.get("backing_file")
             if backing_file is not None:
                 backing_format = options.get("backing_fmt")
