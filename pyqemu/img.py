@@ -144,11 +144,8 @@ def _dispatch(tool: ImgTool, argv: list[str]) -> int:
         LongOption("version", NO_ARGUMENT, "V"),
         LongOption("trace", REQUIRED_ARGUMENT, "T"),
     ))
-    for option, _value in parser:
-        if option in (":", "?"):
-            raise tool.bad_option(parser, option)
-        if option == "h":
-            raise tool.help()
+    # the global options have no --object, so options() answers only -h and errors
+    for option, _value in tool.options(parser):
         if option == "V":
             tool.out(f"qemu-img version {VERSION}\n{COPYRIGHT}\n")
             return 0
