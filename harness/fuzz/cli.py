@@ -230,6 +230,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.count < 0 or args.start < 0:
         parser.error("--count and --start must not be negative")
+    for option in ("time_budget", "shrink_seconds", "case_timeout"):
+        value = getattr(args, option)
+        if value is not None and not value > 0:  # also refuses nan
+            parser.error(f"--{option.replace('_', '-')} must be a positive number of seconds")
+    for option in ("jobs", "max_findings", "shrink_runs"):
+        if getattr(args, option) < 0:
+            parser.error(f"--{option.replace('_', '-')} must not be negative")
     names = [name.strip() for name in args.backends.split(",")]
     if len(names) != 2 or any(name not in BACKENDS for name in names):
         parser.error(f"--backends takes two backends out of {', '.join(BACKENDS)}, "
