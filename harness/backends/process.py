@@ -48,18 +48,35 @@ class ProcessBackend(Backend):
         command = self._command(tool)
         try:
             process = command(*argv, _cwd=cwd, _in="", _tty_out=False, _return_cmd=True,
-                              _err_to_out=merge_stderr, _ok_code=range(256))
+                              _err_to_out=merge_stderr, _ok_code=range(256),
+                              _timeout=step_timeout())
             stdout, stderr, status = process.stdout, process.stderr, process.exit_code
+        except sh.TimeoutException:
+            stdout, stderr, status = b"", b"", -9
+            note = (f"{tool}: killed after {step_timeout():g} s without finishing "
+                    "($HARNESS_STEP_TIMEOUT)\n")
         except sh.ErrorReturnCode as died:  # killed by a signal
-            stdout, stderr, status = died.stdout, died.stderr, died.exit_code
-            note = killed_note(tool, -status).encode()
-            if merge_stderr:
-                stdout += note
-            else:
-                stderr += note
+            stdout, stderr, status = died.stdout, died.stderr or b"", died.exit_code
+            note = killed_note(tool, -status)
+        else:
+            note = ""
+        if merge_stderr:
+            stdout += note.encode()
+        else:
+            stderr = (stderr or b"") + note.encode()
         return Result(stdout=stdout.decode("utf-8", "replace"),
-                      stderr=(stderr or b"").decode("utf-8", "replace"),
+                      stderr=stderr.decode("utf-8", "replace"),
                       status=status)
+
+
+def step_timeout() -> float:
+    """Seconds one step may run before it is killed: generous, so only a
+    hang (a qemu-io sleep, a FIFO for a backing file) ever reaches it."""
+    try:
+        seconds = float(os.environ.get("HARNESS_STEP_TIMEOUT", "600"))
+    except ValueError:
+        return 600.0
+    return seconds if seconds > 0 else 600.0
 
 
 def which(name: str) -> str | None:

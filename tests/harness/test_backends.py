@@ -152,6 +152,15 @@ def test_process_backend_reports_a_signal(script, tmp_path):
     assert result.stderr == "to stderr\nqemu-img: killed by signal 6\n"
 
 
+def test_process_backend_kills_a_step_that_hangs(script, tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_STEP_TIMEOUT", "0.5")
+    script.write_text("#!/bin/sh\nsleep 30\n")
+    result = ScriptBackend(script).run("qemu-io", [], cwd=str(tmp_path), merge_stderr=True)
+    assert result.status == -9
+    assert result.stdout == ("qemu-io: killed after 0.5 s without finishing "
+                             "($HARNESS_STEP_TIMEOUT)\n")
+
+
 def test_process_backend_without_its_program_fails_clearly(tmp_path):
     with pytest.raises(BackendError, match="qemu-img not found"):
         ScriptBackend(None).run("qemu-img", [], cwd=str(tmp_path), merge_stderr=False)
