@@ -298,6 +298,25 @@ class BlockNode:
                 or position > MAX_IMAGE_LENGTH - length:
             raise _io_error(errno.EIO)
 
+    def change_backing_file(self, backing_file: str | None,
+                            backing_format: str | None) -> None:
+        """Store another backing file name and format in the image, leaving its
+        data alone (bdrv_change_backing_file with require=True, as qemu-img
+        rebase calls it); the open chain is not reopened.  Errors carry
+        QEMU's errno: EINVAL for a format without a file, a file without a
+        format or a name too long, ENOSPC when the header has no room,
+        ENOTSUP for formats without backing files."""
+        self._check_open()
+        if backing_file is None and backing_format is not None:
+            raise _io_error(errno.EINVAL)
+        if backing_file is not None and backing_format is None:
+            raise _io_error(errno.EINVAL)
+        self._check_writable()
+        change = getattr(self.driver, "change_backing_file", None)
+        if change is None:
+            raise _io_error(errno.ENOTSUP)
+        change(backing_file, backing_format)
+
     def write_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write whole clusters compressed (qemu-io ``write -c``, convert -c).
 

@@ -30,11 +30,11 @@ _COMMANDS = {
     "dd": "pyqemu.img_dd",
     "info": "pyqemu.img_info",
     "map": "pyqemu.img_map",
+    "rebase": "pyqemu.img_rebase",
     "resize": "pyqemu.img_resize",
 }
 # subcommands QEMU 7.2 has that these front ends do not offer
-_NOT_OFFERED = ("amend", "bench", "bitmap", "commit", "measure",
-                "rebase", "snapshot")
+_NOT_OFFERED = ("amend", "bench", "bitmap", "commit", "measure", "snapshot")
 
 
 class Exit(Exception):

@@ -1102,6 +1102,17 @@ class Qcow2Driver(ClusterMapping, Driver):
             self.refcounts.cache.encode, before_write=self.refcounts.cache.before_write)
         self.metadata_prealloc = None
 
+    def change_backing_file(self, backing_file: str | None,
+                            backing_format: str | None) -> None:
+        """qcow2_change_backing_file: new names in the header extensions."""
+        self._check_usable()
+        if backing_file is not None and len(backing_file.encode("utf-8", "surrogateescape")) \
+                > fmt.MAX_BACKING_FILE_NAME:
+            raise RequestError(os.strerror(errno.EINVAL), errno=errno.EINVAL)
+        self.image_backing_file = backing_file
+        self.image_backing_format = backing_format
+        self.update_header()
+
     def truncate_grow(self, size: int, prealloc: str = "off") -> None:
         """Grow a freshly created image to ``size`` bytes (qemu-img create)."""
         self.truncate(size, prealloc=prealloc)

@@ -30,6 +30,8 @@ ENGINE_GAPS: dict[str, str] = {
         "the engine does not preallocate data when growing a qcow2 image",
     "resize --preallocation=full big.qcow2 6M":
         "the engine does not preallocate data when growing a qcow2 image",
+    "rebase -b small.qcow2 -F qcow2 top.qcow2":
+        "qemu-img rebase is offered only in its unsafe mode (-u)",
 }
 
 
@@ -583,3 +585,43 @@ def test_filenames_with_colons(twins, engine):
     twins.compare("img", "info", "image:top.qcow2")
     twins.compare("io", "-c", "read -P 0x11 0 64k", "-c", "info", "file:image:top.qcow2")
     twins.same_images("./image:top.qcow2", "./image:more.qcow2")
+
+
+REBASE_CASES = [
+    ["-u", "-b", "new.qcow2", "-F", "qcow2", "top.qcow2"],
+    ["-u", "-b", "base.qcow2", "-F", "raw", "top.qcow2"],
+    ["-u", "-b", "new.qcow2", "top.qcow2"],
+    ["-u", "-b", "", "top.qcow2"],
+    ["-u", "top.qcow2"],
+    ["-u", "-F", "qcow2", "top.qcow2"],
+    ["-u", "-b", "x", "-F", "host_device", "top.qcow2"],
+    ["-u", "-b", "x", "-F", "bogus", "top.qcow2"],
+    ["-u", "-b", "a" * 1100, "-F", "qcow2", "top.qcow2"],
+    ["-u", "-b", "b" * 1000, "-F", "qcow2", "small.qcow2"],
+    ["-u", "-t", "bogus", "-b", "x", "-F", "qcow2", "top.qcow2"],
+    ["-u", "-T", "bogus", "-b", "x", "-F", "qcow2", "top.qcow2"],
+    ["-p", "-u", "-b", "y", "-F", "raw", "top.qcow2"],
+    ["-q", "-p", "-u", "-b", "y", "-F", "raw", "top.qcow2"],
+    ["-u", "-b", "new.qcow2", "-F", "qcow2", "lonely.qcow2"],
+    ["-u", "-b", "new.qcow2", "-F", "qcow2", "-f", "raw", "r.raw"],
+    ["-u", "-b", "base.qcow2", "-F", "qcow2", "--image-opts",
+     "driver=qcow2,file.filename=lonely.qcow2"],
+    ["top.qcow2"],
+    ["-b", "small.qcow2", "-F", "qcow2", "top.qcow2"],
+    ["-u", "top.qcow2", "extra"],
+    ["-u", "nonexistent"],
+    ["-x", "top.qcow2"],
+]
+
+
+@pytest.mark.parametrize("args", _with_gaps(REBASE_CASES, "rebase"))
+def test_rebase(twins, engine, args):
+    twins.setup(BASE, TOP, RAW, DATA_IN_BASE, DATA_IN_TOP,
+                ("img", "create", "-f", "qcow2", "-o", "cluster_size=512", "small.qcow2",
+                 "1M"),
+                ("img", "create", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2",
+                 "lonely.qcow2", "1M"))
+    twins.compare("img", "rebase", *args)
+    for name in ("top.qcow2", "small.qcow2", "lonely.qcow2"):
+        twins.same_images(name)
+        twins.compare("img", "info", "--output=json", name)
