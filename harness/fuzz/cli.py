@@ -230,9 +230,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.count < 0 or args.start < 0:
         parser.error("--count and --start must not be negative")
-    for option in ("time_budget", "shrink_seconds", "case_timeout"):
-        value = getattr(args, option)
-        if value is not None and not value > 0:  # also refuses nan
+    if args.time_budget is not None and not args.time_budget >= 0:  # also refuses nan
+        parser.error("--time-budget must be a number of seconds, 0 or more")
+    for option in ("shrink_seconds", "case_timeout"):
+        if not getattr(args, option) > 0:
             parser.error(f"--{option.replace('_', '-')} must be a positive number of seconds")
     for option in ("jobs", "max_findings", "shrink_runs"):
         if getattr(args, option) < 0:

@@ -10,8 +10,8 @@ from harness.fuzz.cli import parse_args
 
 @pytest.mark.parametrize("argv, message", [
     (["--count", "-1"], "--count and --start must not be negative"),
-    (["--time-budget", "-1"], "--time-budget must be a positive number of seconds"),
-    (["--time-budget", "nan"], "--time-budget must be a positive number of seconds"),
+    (["--time-budget", "-1"], "--time-budget must be a number of seconds, 0 or more"),
+    (["--time-budget", "nan"], "--time-budget must be a number of seconds, 0 or more"),
     (["--shrink-seconds", "0"], "--shrink-seconds must be a positive number of seconds"),
     (["--case-timeout", "-5"], "--case-timeout must be a positive number of seconds"),
     (["--jobs", "-2"], "--jobs must not be negative"),
