@@ -123,6 +123,10 @@ class Console:
             self._emit_bytes(bytes(self._buffer))
             self._buffer.clear()
 
+    def discard(self) -> None:
+        """What a process killed by a signal loses: stdout not yet flushed."""
+        self._buffer.clear()
+
     def err(self, text: str) -> None:
         """fprintf(stderr): unbuffered."""
         if text:

@@ -111,15 +111,19 @@ class IoSession:
         if hint:
             self.console.err(hint)
 
-    def raise_signal(self, signal_number: int) -> int:
+    def raise_signal(self, signal_number: int, *, flush_first: bool = True) -> int:
         """raise(): a process really gets the signal; an in-process run ends as if
-        killed (unless the signal is one whose default action is to ignore it)."""
+        killed (unless the signal is one whose default action is to ignore it).
+        Without `flush_first` (abort()) buffered stdout dies with the process."""
         import os
         import signal
 
         from pyqemu.io_cmds import Crash
 
-        self.console.flush()
+        if flush_first:
+            self.console.flush()
+        else:
+            self.console.discard()
         if self.allow_signals:
             if signal_number in (signal.SIGINT, signal.SIGTERM, signal.SIGABRT):
                 signal.signal(signal_number, signal.SIG_DFL)
@@ -566,9 +570,10 @@ def _is_tty(stream: TextIO) -> bool:
 
 
 def _crash(session: IoSession, signal_number: int) -> int:
-    """An in-process run "killed" by a signal: the image is abandoned, not closed."""
+    """An in-process run "killed" by a signal: the image is abandoned, not closed,
+    and stdout not flushed by then is lost."""
     session.node = None
-    session.console.flush()
+    session.console.discard()
     return 128 + signal_number
 
 

@@ -867,7 +867,8 @@ def wait_break_body(session: IoSession, argv: list[str]) -> int:
 
 def abort_body(session: IoSession, argv: list[str]) -> int:
     import signal
-    return session.raise_signal(signal.SIGABRT)
+    # abort() does not flush stdio, so output still buffered is lost
+    return session.raise_signal(signal.SIGABRT, flush_first=False)
 
 
 def sigraise_body(session: IoSession, argv: list[str]) -> int:

@@ -346,6 +346,9 @@ MERGED_CASES = [
     ["-c", "read -v 0 64k", "-c", "nope", "-c", "read -v 64k 64k", "top.qcow2"],
     ["-c", "read -v 0 4k", "-c", "read -P 9 0 512", "-c", "nope", "top.qcow2"],
     ["-c", "reopen -r", "-c", "write 0 1", "-c", "read 0 1", "top.qcow2"],
+    # abort() loses what stdout still buffers; sigraise flushes it first
+    ["-c", "write -P 1 0 4k", "-c", "abort", "top.qcow2"],
+    ["-c", "write -P 1 0 4k", "-c", "sigraise 6", "top.qcow2"],
 ]
 
 
