@@ -34,8 +34,6 @@ def _collect(tool: ImgTool, node: Any, filename: str, fix: frozenset[str]) -> di
 
     try:
         result = node.check(fix)
-    except NotImplementedError:
-        raise _CheckError(errno_codes.ENOTSUP) from None
     except (imgengine.ImageError, OSError) as error:
         tool.notice(error)
         # what QEMU printed while checking, before it gave up
