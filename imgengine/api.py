@@ -349,7 +349,8 @@ def _file_identity(file: HostFile) -> tuple[int, int]:
 
 def open_image(filename: str | None = None, *, fmt: str | None = None,
                options: Mapping[str, object] | None = None,
-               read_only: bool = False, check: bool = False) -> BlockNode:
+               read_only: bool = False, check: bool = False,
+               no_backing: bool = False) -> BlockNode:
     """Open an image and its backing chain.
 
     ``options`` are QEMU blockdev options as a (possibly nested or dotted)
@@ -362,13 +363,17 @@ def open_image(filename: str | None = None, *, fmt: str | None = None,
     check`` does (QEMU's BDRV_O_CHECK): a corrupt image may be opened
     read/write to be repaired, a missing refcount table or broken snapshot
     table does not stop the open, and a dirty image is not repaired first.
+    ``no_backing`` opens the image alone, as qemu-img info does (QEMU's
+    BDRV_O_NO_BACKING): a ``backing`` option other than None or "" is then
+    left unused, which is an error.
     """
-    return _open(filename, fmt, _flatten(options or {}), read_only, [], check=check)
+    return _open(filename, fmt, _flatten(options or {}), read_only, [], check=check,
+                 no_backing=no_backing)
 
 
 def _open(filename: str | None, fmt: str | None, options: dict[str, object],
           read_only: bool, chain: list[tuple[int, int]], *,
-          check: bool = False) -> BlockNode:
+          check: bool = False, no_backing: bool = False) -> BlockNode:
     options = dict(options)
     # only a plain file name is looked at for a "protocol:" prefix, as QEMU's
     # bdrv_find_protocol does for the filename argument alone
@@ -447,6 +452,11 @@ def _open(filename: str | None, fmt: str | None, options: dict[str, object],
         if fmt == "raw":
             from .raw import RawDriver
 
+            if _names_backing(backing_option):
+                # bdrv_open_backing_file: raw has no backing, named or not
+                if no_backing:
+                    raise _unused_backing_option("raw", backing_option)
+                raise OpenError("Driver doesn't support backing files", errno=errno.EINVAL)
             if options:
                 name = sorted(options)[0]
                 raise OpenError(f"Block format 'raw' does not support the option '{name}'",
@@ -472,7 +482,10 @@ def _open(filename: str | None, fmt: str | None, options: dict[str, object],
     node = BlockNode(qdriver, filename, read_only=read_only, unmap=unmap)
     try:
         backing = None
-        if has_backing_option:
+        if no_backing:
+            if _names_backing(backing_option):
+                raise _unused_backing_option("qcow2", backing_option)
+        elif has_backing_option:
             if isinstance(backing_option, Mapping):
                 backing = _open_backing_with_options(qdriver, filename, dict(backing_option),
                                                      chain + [identity])
@@ -487,6 +500,32 @@ def _open(filename: str | None, fmt: str | None, options: dict[str, object],
         node.close()
         raise
     return node
+
+
+def _names_backing(option: object) -> bool:
+    """Whether a "backing" option asks for a backing node: None and "" cut the
+    chain (bdrv_open_inherit drops them), and so does the {"filename": None}
+    a front end leaves when it opens an image without its backing file."""
+    if option is None or option == "":
+        return False
+    if isinstance(option, Mapping):
+        return any(key != "filename" or value is not None for key, value in option.items())
+    return True
+
+
+def _unused_backing_option(format_name: str, option: object) -> OpenError:
+    """Opened without a backing file, a "backing" option is left over, and QEMU
+    names the first leftover key (bdrv_open_inherit's unknown-option check)."""
+    key = "backing"
+    value = option
+    while isinstance(value, Mapping):
+        rest = {k: v for k, v in value.items() if not (k == "filename" and v is None)}
+        if not rest:
+            break
+        name = next(iter(rest))
+        key, value = f"{key}.{name}", rest[name]
+    return OpenError(f"Block format '{format_name}' does not support the option '{key}'",
+                     errno=errno.EINVAL)
 
 
 def _no_such_node(reference: str) -> OpenError:

@@ -55,7 +55,7 @@ def open_image(tool: ImgTool, filename: str, fmt: str | None, image_opts: bool,
         request.flat["backing"] = None
         request.options = dict(request.options or {}, backing=None)
     try:
-        node = open_node(request, read_only, check=check)
+        node = open_node(request, read_only, check=check, no_backing=without_backing)
     except (imgengine.ImageError, OSError) as error:
         print_notice(console, error)
         tool.error(f"Could not open '{filename}': {error_text(error)}")

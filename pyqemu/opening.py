@@ -78,14 +78,16 @@ def force_share_conflict(request: OpenRequest) -> bool:
     return value is not None and value not in ("on", True)
 
 
-def open_node(request: OpenRequest, read_only: bool, *, check: bool = False) -> Any:
+def open_node(request: OpenRequest, read_only: bool, *, check: bool = False,
+              no_backing: bool = False) -> Any:
     """imgengine.open_image for the request (the engine raises ImageError);
-    `check` opens as qemu-img check does (BDRV_O_CHECK)."""
+    `check` opens as qemu-img check does (BDRV_O_CHECK), `no_backing`
+    without the backing file (BDRV_O_NO_BACKING)."""
     import imgengine
     # the flat dotted form keeps "x=v,x.y=w" together, where nesting would drop one
     options = request.flat if request.flat else request.options
     return imgengine.open_image(request.filename, fmt=request.fmt, options=options,
-                                read_only=read_only, check=check)
+                                read_only=read_only, check=check, no_backing=no_backing)
 
 
 def print_notice(console: Console, error: BaseException) -> None:

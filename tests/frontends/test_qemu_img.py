@@ -172,6 +172,13 @@ INFO_CASES = [
     ["--image-opts", "driver=qcow2,file.filename=top.qcow2,cache-size=1M,l2-cache-size=2M"],
     ["--image-opts", "driver=qcow2,file.filename=top.qcow2,cache.direct=x"],
     ["--image-opts", "driver=qcow2,file.filename=top.qcow2,backing.node-name=b"],
+    # info opens without the backing file: a node name given for it is left over
+    ["--image-opts", "driver=qcow2,file.filename=top.qcow2,backing=null"],
+    ["--image-opts", "driver=qcow2,file.filename=top.qcow2,backing="],
+    ["--image-opts", "driver=raw,file.filename=r.raw,backing=null"],
+    ["--image-opts", "driver=raw,file.filename=r.raw,backing.driver=qcow2"],
+    ['json:{"driver": "qcow2", "file": {"driver": "file", "filename": "top.qcow2"}, '
+     '"backing": "null"}'],
     ["image:top.qcow2"],
     ["file:top.qcow2"],
     ['json:{"driver": "qcow2", "file": {"driver": "file", "filename": "top.qcow2"}}'],
@@ -606,6 +613,7 @@ REBASE_CASES = [
     ["-u", "-b", "new.qcow2", "-F", "qcow2", "-f", "raw", "r.raw"],
     ["-u", "-b", "base.qcow2", "-F", "qcow2", "--image-opts",
      "driver=qcow2,file.filename=lonely.qcow2"],
+    ["-u", "-b", "", "--image-opts", "driver=qcow2,file.filename=top.qcow2,backing=null"],
     ["top.qcow2"],
     ["-b", "small.qcow2", "-F", "qcow2", "top.qcow2"],
     ["-u", "top.qcow2", "extra"],
