@@ -24,6 +24,7 @@ from .errors import (
     CorruptImageError,
     ImageError,
     OpenError,
+    ReportedLine,
     RequestError,
     UnsupportedImageError,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "ImageInfo",
     "MapEntry",
     "OpenError",
+    "ReportedLine",
     "RequestError",
     "UnsupportedImageError",
     "create_image",

@@ -51,6 +51,11 @@ class RequestError(ImageError):
     """An I/O request QEMU would refuse (out of range, read-only, ...)."""
 
 
+class ReportedLine(str):
+    """A line QEMU prints with error_report() while it works (e.g. repairing a
+    dirty image on open): the front end puts its own program's name first."""
+
+
 def errno_message(message: str, err: int) -> str:
     """QEMU's ``error_setg_errno`` text: the message, a colon, strerror."""
     return f"{message}: {os.strerror(err)}"

@@ -100,8 +100,13 @@ def print_notice(console: Console, error: BaseException) -> None:
 
 def print_open_messages(console: Console, node: Any) -> None:
     """Lines QEMU writes to stderr while opening (e.g. repairing a dirty image)."""
+    from imgengine import ReportedLine
+
     for message in getattr(node, "open_messages", None) or ():
-        console.err(message if message.endswith("\n") else message + "\n")
+        if isinstance(message, ReportedLine):
+            console.error_report(message.rstrip("\n"))
+        else:
+            console.err(message if message.endswith("\n") else message + "\n")
 
 
 def error_text(error: BaseException) -> str:

@@ -541,10 +541,11 @@ class Qcow2Checker:
 
     ``writable`` is True when a repair will be asked for (``-r``).
     ``program`` is the prefix QEMU's error_report() puts before the lines it
-    prints ("qemu-img" for qemu-img check).
+    prints ("qemu-img" for qemu-img check); None leaves those lines to the
+    front end as ReportedLine.
     """
 
-    def __init__(self, path: str, *, writable: bool = False, program: str = "qemu-img",
+    def __init__(self, path: str, *, writable: bool = False, program: str | None = "qemu-img",
                  file: HostFile | None = None) -> None:
         self.path = path
         self.writable = writable
@@ -870,7 +871,12 @@ class Qcow2Checker:
     def report(self, text: str) -> None:
         """Lines QEMU prints with error_report(): the program name first."""
         lines = text.split("\n")
-        self.messages.append(f"{self.program}: {lines[0]}")
+        if self.program is None:
+            from ..errors import ReportedLine
+
+            self.messages.append(ReportedLine(lines[0]))
+        else:
+            self.messages.append(f"{self.program}: {lines[0]}")
         self.messages.extend(line for line in lines[1:] if line)
 
     # -- header and corruption ------------------------------------------------------------

@@ -477,7 +477,8 @@ class Qcow2Driver(ClusterMapping, Driver):
         """Repair an image left dirty (lazy refcounts), as QEMU does on open."""
         from .check import Qcow2Checker
 
-        checker = Qcow2Checker(self.file.filename, writable=True, program="qemu-io")
+        # whichever program opened the image prefixes the error_report() lines
+        checker = Qcow2Checker(self.file.filename, writable=True, program=None)
         try:
             result = checker.check(frozenset({"all"}))
         except ImageError as exc:

@@ -529,6 +529,30 @@ def test_resize(twins, engine, args):
         twins.compare("img", "check", "big.qcow2")
 
 
+def _dirty_with_refblock_out_of_reach(path):
+    """A dirty lazy-refcounts image whose refcount block lies past any possible file
+    size: repairing it on open fails to grow the file and error_report()s that."""
+    _dirty_after_crash(path)
+    with path.open("r+b") as image:
+        image.seek(48)
+        (table,) = struct.unpack(">Q", image.read(8))
+        image.seek(table)
+        image.write(struct.pack(">Q", 1 << 56))
+
+
+@pytest.mark.parametrize("tool, args", [
+    ("img", ["resize", "dirty.qcow2", "+1M"]),
+    ("img", ["rebase", "-u", "-b", "", "dirty.qcow2"]),
+    ("io", ["-c", "read -P 0x5a 0 512", "dirty.qcow2"]),
+], ids=lambda value: value if isinstance(value, str) else " ".join(value))
+def test_dirty_image_repaired_on_open(twins, engine, tool, args):
+    """The repair's error_report() lines carry the name of the program that opened it."""
+    twins.setup(("img", "create", "-f", "qcow2", "dirty.qcow2", "1M"))
+    twins.patch("dirty.qcow2", _dirty_with_refblock_out_of_reach)
+    twins.compare(tool, *args)
+    twins.same_images("dirty.qcow2")
+
+
 def _unalign_snapshot_l1(path):
     """Move the first snapshot's L1 table offset off its cluster boundary."""
     with path.open("r+b") as image:
