@@ -462,7 +462,17 @@ def _open(filename: str | None, fmt: str | None, options: dict[str, object],
                 raise OpenError(f"Block format 'raw' does not support the option '{name}'",
                                 errno=errno.EINVAL)
             driver = RawDriver(file, probed=probed)
-            return BlockNode(driver, filename, read_only=read_only, unmap=unmap)
+            raw_node = BlockNode(driver, filename, read_only=read_only, unmap=unmap)
+            if probed and not read_only:
+                # raw_open's warning, printed whenever a probed raw image is writable
+                raw_node.open_messages.append(
+                    f"WARNING: Image format was not specified for '{filename}' and probing "
+                    "guessed raw.\n"
+                    "         Automatically detecting the format is dangerous for raw images, "
+                    "write operations on block 0 will be restricted.\n"
+                    "         Specify the 'raw' format explicitly to remove the "
+                    "restrictions.\n")
+            return raw_node
         if fmt != "qcow2":
             if fmt in ("qcow", "vmdk", "vdi", "vpc", "vhdx", "qed", "luks", "parallels",
                        "cloop", "dmg", "bochs"):

@@ -320,7 +320,10 @@ class Qcow2Driver(ClusterMapping, Driver):
                                fmt.SNAPSHOT_HEADER_SIZE * fmt.MAX_SNAPSHOTS, "Snapshot table")
         fmt.validate_table(header, header.l1_table_offset, header.l1_size, L1E_SIZE,
                            fmt.MAX_L1_SIZE, "Active L1 table")
-        l1_vm_state_index = s.size_to_l1(header.size)
+        # size_to_l1 in QEMU adds in 64-bit unsigned arithmetic: a size near
+        # 2^64 wraps to a small index, and the block layer refuses it later
+        shift = s.cluster_bits + s.l2_bits
+        l1_vm_state_index = s.size_to_l1(header.size) & ((1 << (64 - shift)) - 1)
         if l1_vm_state_index > INT_MAX:
             raise CorruptImageError("Image is too big", errno=errno.EFBIG)
         s.l1_vm_state_index = l1_vm_state_index
@@ -362,6 +365,12 @@ class Qcow2Driver(ClusterMapping, Driver):
             s.update_header()
         if not check_mode and not read_only and s.incompatible_features & fmt.INCOMPAT_DIRTY:
             s._repair_dirty_image()
+        from ..node import MAX_REQUEST_LENGTH
+
+        if s.total_sectors * SECTOR_SIZE > MAX_REQUEST_LENGTH:
+            # bdrv_open_driver's refresh_total_sectors, once the format is open
+            raise ImageError("Could not refresh total sector count: File too large",
+                             errno=errno.EFBIG)
         return s
 
     def size_to_l1(self, size: int) -> int:

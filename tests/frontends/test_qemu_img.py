@@ -482,6 +482,8 @@ RESIZE_CASES = [
     ["top.qcow2"],
     ["2M"],
     ["-f", "raw", "r.raw", "3M"],
+    ["r.raw", "3M"],
+    ["-q", "r.raw", "3M"],
     ["-f", "raw", "r.raw", "1000"],
     ["--shrink", "-f", "raw", "r.raw", "1000"],
     ["--preallocation=falloc", "-f", "raw", "r.raw", "3M"],
@@ -551,6 +553,26 @@ def test_dirty_image_repaired_on_open(twins, engine, tool, args):
     twins.patch("dirty.qcow2", _dirty_with_refblock_out_of_reach)
     twins.compare(tool, *args)
     twins.same_images("dirty.qcow2")
+
+
+@pytest.mark.parametrize("size", [2**63 - 1, 2**64 - 2**29, 2**64 - 2**29 + 1, 2**64 - 1,
+                                  2**50])
+@pytest.mark.parametrize("cluster_size", ["64k", "2M"])
+def test_header_size_out_of_range(twins, engine, size, cluster_size):
+    """A virtual size near 2^64 wraps in QEMU's L1 index arithmetic and is refused
+    only once the format has opened; others are "too big" or need a larger L1."""
+    twins.setup(("img", "create", "-f", "qcow2", "-o", f"cluster_size={cluster_size}",
+                 "big.qcow2", "1M"))
+
+    def set_size(path):
+        with path.open("r+b") as image:
+            image.seek(24)
+            image.write(struct.pack(">Q", size))
+
+    twins.patch("big.qcow2", set_size)
+    twins.compare("img", "info", "big.qcow2")
+    twins.compare("img", "check", "big.qcow2")
+    twins.compare("io", "-c", "read 0 64k", "big.qcow2")
 
 
 def _unalign_snapshot_l1(path):

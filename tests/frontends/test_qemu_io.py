@@ -319,6 +319,11 @@ IMAGE_CASES = [
     ["-d", "unmap", "-c", "discard 0 64k", "top.qcow2"],
     ["-m", "-c", "read 0 512", "top.qcow2"],
     ["-k", "-c", "length", "top.qcow2"],
+    # a raw image whose format was probed warns when it is opened writable
+    ["-c", "read -P 0 0 512", "r.raw"],
+    ["-r", "-c", "read -P 0 0 512", "r.raw"],
+    ["-c", "open r.raw", "-c", "length", "-c", "open -r r.raw", "-c", "length"],
+    ["-c", "length", "file:r.raw"],
 ]
 
 
@@ -328,6 +333,22 @@ def test_images_and_options(twins, engine, args):
     twins.compare("io", *args)
     twins.same_images("top.qcow2", "base.qcow2", "small.qcow2")
     twins.same_images("r.raw", fmt="raw")
+
+
+@pytest.mark.parametrize("args", [["-c", "read 0 64k", "bad.qcow2"],
+                                  ["-r", "-c", "read 0 64k", "bad.qcow2"],
+                                  ["-c", "write 0 512", "bad.qcow2"]], ids=" ".join)
+def test_bad_magic_probes_as_raw(twins, engine, args):
+    """A qcow2 image with a broken magic is probed as raw, with raw's warning."""
+    twins.setup(("img", "create", "-f", "qcow2", "bad.qcow2", "1M"))
+
+    def break_magic(path):
+        with path.open("r+b") as image:
+            image.write(b"XXXX")
+
+    twins.patch("bad.qcow2", break_magic)
+    twins.compare("io", *args)
+    twins.same_images("bad.qcow2", fmt="raw")
 
 
 STDIN_CASES = [
