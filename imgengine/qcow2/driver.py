@@ -365,6 +365,12 @@ class Qcow2Driver(ClusterMapping, Driver):
             s.update_header()
         if not check_mode and not read_only and s.incompatible_features & fmt.INCOMPAT_DIRTY:
             s._repair_dirty_image()
+        if header.bitmaps is not None:
+            # qcow2_load_dirty_bitmaps: an open fails on a bitmap QEMU cannot load;
+            # the checker's opener holds those rules (read-only, on this file)
+            from .check import Qcow2Checker
+
+            Qcow2Checker(file.filename, file=file).close()
         from ..node import MAX_REQUEST_LENGTH
 
         if s.total_sectors * SECTOR_SIZE > MAX_REQUEST_LENGTH:

@@ -3,14 +3,14 @@
 ``Qcow2Surgery`` reads and damages the metadata of a qcow2 file with plain
 struct writes (the images themselves always come from real qemu-img/qemu-io).
 ``qemu_check`` runs the real ``qemu-img check``; ``engine_check`` runs the
-engine's checker the way ``img_check`` drives ``bdrv_check`` (check, then, if
-anything was repaired, check again and keep the repair counts), so the two
+pyqemu front end's ``qemu-img check`` in-process over the engine, so the two
 give the same kind of outcome: exit status, the JSON report and stderr lines.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -19,22 +19,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgengine.errors import ImageError
 from imgengine.qcow2 import format as fmt
-from imgengine.qcow2.check import CheckFailedError, CheckResult, Qcow2Checker
-
-# ImageCheck's optional members, in the order qemu-img's JSON has them.
-REPORT_KEYS = (
-    ("image-end-offset", "image_end_offset"),
-    ("corruptions", "corruptions"),
-    ("leaks", "leaks"),
-    ("corruptions-fixed", "corruptions_fixed"),
-    ("leaks-fixed", "leaks_fixed"),
-    ("total-clusters", "total_clusters"),
-    ("allocated-clusters", "allocated_clusters"),
-    ("fragmented-clusters", "fragmented_clusters"),
-    ("compressed-clusters", "compressed_clusters"),
-)
 
 
 @dataclass
@@ -65,84 +50,29 @@ def qemu_check(qemu_img: str, path: Path, repair: str | None = None) -> Outcome:
     return Outcome(done.returncode, report, done.stderr.splitlines())
 
 
-def _report(result: CheckResult) -> dict[str, int]:
-    report = {"check-errors": result.check_errors}
-    for key, attribute in REPORT_KEYS:
-        value = getattr(result, attribute)
-        if value:
-            report[key] = value
-    return report
-
-
-FIX_SETS = {"leaks": frozenset({"leaks"}), "all": frozenset({"leaks", "all"}), None: frozenset()}
-
-
 def engine_check(path: Path, repair: str | None = None) -> Outcome:
-    """The engine's check of ``path``, reported as qemu-img check reports it."""
-    fix = FIX_SETS[repair]
+    """The engine's check of ``path`` as its users get it: ``qemu-img check
+    --output=json`` of the pyqemu front end, run in-process in the file's folder
+    (open_image as qemu-img check opens, BlockNode.check, img_check's statuses)."""
+    from pyqemu import img
+
+    argv = ["check", "--output=json"]
+    if repair:
+        argv += ["-r", repair]
+    argv.append(path.name)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    home = os.getcwd()
+    os.chdir(path.parent)
     try:
-        checker = Qcow2Checker(str(path), writable=bool(fix))
-    except ImageError as error:
-        return Outcome(1, None, [f"qemu-img: Could not open '{path.name}': {error}"])
-    try:
-        report, stderr, failure = _check_twice(checker.check, fix)
+        status = img.run(argv, io.StringIO(""), stdout, stderr)
     finally:
-        stderr_at_close = checker.close()
-    return _finish(report, stderr + stderr_at_close, failure)
-
-
-def _finish(report: dict[str, int] | None, stderr: list[str], failure: int) -> Outcome:
-    """img_check's ending: the exit status and its last stderr line."""
-    if failure:
-        stderr.append(f"qemu-img: Check failed: {os.strerror(failure)}")
-        return Outcome(1, None, stderr)
-    assert report is not None
-    if report["check-errors"]:
-        stderr.append("qemu-img: Check failed")
-        return Outcome(1, report, stderr)
-    if report.get("corruptions"):
-        return Outcome(2, report, stderr)
-    if report.get("leaks"):
-        return Outcome(3, report, stderr)
-    return Outcome(0, report, stderr)
-
-
-def _check_twice(check, fix: frozenset[str]) -> tuple[dict[str, int] | None, list[str], int]:
-    """collect_image_check, and again after a repair: (report, stderr, errno)."""
-    stderr: list[str] = []
-    try:
-        result = check(fix)
-    except CheckFailedError as error:
-        return None, stderr + error.messages, error.errno or errno.EIO
-    stderr += result.messages
-    report = _report(result)
-    if not (result.corruptions_fixed or result.leaks_fixed):
-        return report, stderr, 0
-    fixed = {key: report[key] for key in ("leaks-fixed", "corruptions-fixed") if key in report}
-    try:
-        again = check(frozenset())
-    except CheckFailedError as error:
-        return None, stderr + error.messages, error.errno or errno.EIO
-    report = {key: value for key, value in _report(again).items() if key not in fixed}
-    report.update(fixed)
-    return report, stderr + again.messages, 0
-
-
-def engine_api_check(path: Path, repair: str | None = None) -> Outcome:
-    """The same, through the engine's public API: open_image as qemu-img check
-    opens (check=True), and BlockNode.check."""
-    import imgengine
-
-    fix = FIX_SETS[repair]
-    try:
-        node = imgengine.open_image(str(path), fmt="qcow2", read_only=not fix, check=True)
-    except ImageError as error:
-        return Outcome(1, None, [f"qemu-img: Could not open '{path.name}': {error}"])
-    try:
-        report, stderr, failure = _check_twice(node.check, fix)
-    finally:
-        node.close()
-    return _finish(report, stderr, failure)
+        os.chdir(home)
+    report = None
+    if stdout.getvalue().strip():
+        report = json.loads(stdout.getvalue())
+        report.pop("filename")
+        report.pop("format")
+    return Outcome(status, report, stderr.getvalue().splitlines())
 
 
 def twin_copies(image: Path, folder: Path) -> tuple[Path, Path]:
