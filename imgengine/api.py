@@ -13,11 +13,11 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from .errors import CorruptImageError, ImageError, OpenError, UnsupportedImageError
 from .hostfile import HostFile
 from .node import BlockNode
+from .record import Record
 from .sizes import parse_bool, parse_number, parse_size
 
 SECTOR_SIZE = 512
@@ -26,51 +26,68 @@ SECTOR_SIZE = 512
 # -- records -----------------------------------------------------------------------------
 
 
-@dataclass
-class ImageInfo:
+class ImageInfo(Record):
     """What qemu-img info / qemu-io info report about one image."""
 
-    filename: str
-    format_name: str
-    virtual_size: int
-    actual_size: int | None
-    cluster_size: int | None
-    vm_state_offset: int | None
-    dirty_flag: bool | None
-    backing_filename: str | None
-    full_backing_filename: str | None
-    backing_format: str | None
-    format_specific: dict[str, object] | None
+    _fields = ("filename", "format_name", "virtual_size", "actual_size", "cluster_size",
+               "vm_state_offset", "dirty_flag", "backing_filename", "full_backing_filename",
+               "backing_format", "format_specific")
+
+    def __init__(self, filename: str, format_name: str, virtual_size: int,
+                 actual_size: int | None, cluster_size: int | None,
+                 vm_state_offset: int | None, dirty_flag: bool | None,
+                 backing_filename: str | None, full_backing_filename: str | None,
+                 backing_format: str | None,
+                 format_specific: dict[str, object] | None) -> None:
+        self.filename = filename
+        self.format_name = format_name
+        self.virtual_size = virtual_size
+        self.actual_size = actual_size
+        self.cluster_size = cluster_size
+        self.vm_state_offset = vm_state_offset
+        self.dirty_flag = dirty_flag
+        self.backing_filename = backing_filename
+        self.full_backing_filename = full_backing_filename
+        self.backing_format = backing_format
+        self.format_specific = format_specific
 
 
-@dataclass(slots=True)
-class MapEntry:
+class MapEntry(Record):
     """One entry of ``qemu-img map --output=json``."""
 
-    start: int
-    length: int
-    depth: int
-    present: bool
-    zero: bool
-    data: bool
-    offset: int | None
-    filename: str | None = None
+    __slots__ = _fields = ("start", "length", "depth", "present", "zero", "data", "offset",
+                           "filename")
+
+    def __init__(self, start: int, length: int, depth: int, present: bool, zero: bool,
+                 data: bool, offset: int | None, filename: str | None = None) -> None:
+        self.start = start
+        self.length = length
+        self.depth = depth
+        self.present = present
+        self.zero = zero
+        self.data = data
+        self.offset = offset
+        self.filename = filename
 
 
-@dataclass
-class CreateOption:
+class CreateOption(Record):
     """One creation option as QEMU lists it.
 
     ``type`` is 'size', 'number', 'bool' or 'string'; ``default`` is the
-    text QEMU prints when the option is not given (None: not printed).
+    text QEMU prints when the option is not given (None: not printed);
+    ``origin`` is where the option comes from: "format" (the format driver)
+    or "protocol" (the file protocol).
     """
 
-    name: str
-    type: str
-    help: str
-    default: str | None = None
-    # Where the option comes from: the format driver or the file protocol.
-    origin: str = "format"
+    _fields = ("name", "type", "help", "default", "origin")
+
+    def __init__(self, name: str, type: str, help: str, default: str | None = None,
+                 origin: str = "format") -> None:
+        self.name = name
+        self.type = type
+        self.help = help
+        self.default = default
+        self.origin = origin
 
     @property
     def printed_when_unset(self) -> bool:

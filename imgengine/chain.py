@@ -9,22 +9,20 @@ backing file cannot supply into zeroes "allocated" at that layer.
 
 from __future__ import annotations
 
+from collections import namedtuple
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, NamedTuple
 
 from .hostfile import HostFile
 from .node import ALLOCATED, DATA, EOF, OFFSET_VALID, RAW, RECURSE, ZERO, BlockNode
 
+TYPE_CHECKING = False  # typing itself costs start-up time
 if TYPE_CHECKING:
     from .api import MapEntry
 
 
-class ChainStatus(NamedTuple):
-    flags: int
-    pnum: int
-    offset: int | None
-    node: BlockNode | None
-    depth: int
+# Block status through a chain: (flags: int, pnum: int, offset: int | None,
+# node: BlockNode | None, depth: int).
+ChainStatus = namedtuple("ChainStatus", "flags pnum offset node depth")
 
 
 def status_above(top: BlockNode, base: BlockNode | None, include_base: bool,

@@ -10,15 +10,18 @@ EOF), and reads of a backing node that run past its end.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import namedtuple
 from enum import IntFlag
-from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import ImageError, RequestError
 from .hostfile import MAX_BOUNCE_BUFFER, HostFile, NotSupported
+from .record import Record
 
+# Names only the type checker needs (typing itself costs start-up time).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from .api import CheckResult, ImageInfo, MapEntry
 
 # The largest single request QEMU accepts (BDRV_REQUEST_MAX_BYTES).
@@ -50,23 +53,22 @@ EOF = int(BlockStatusFlag.EOF)
 RECURSE = int(BlockStatusFlag.RECURSE)
 
 
-class DriverStatus(NamedTuple):
-    """What a driver reports for a range: QEMU's bdrv_co_block_status result."""
-
-    flags: int
-    pnum: int
-    offset: int | None
-    file: HostFile | None
+# What a driver reports for a range: QEMU's bdrv_co_block_status result
+# (flags: int, pnum: int, offset: int | None, file: HostFile | None).
+DriverStatus = namedtuple("DriverStatus", "flags pnum offset file")
 
 
-@dataclass
-class BlockStatus:
+class BlockStatus(Record):
     """Block status of one layer (bdrv_block_status)."""
 
-    flags: BlockStatusFlag
-    pnum: int
-    offset: int | None
-    file: HostFile | None
+    __slots__ = _fields = ("flags", "pnum", "offset", "file")
+
+    def __init__(self, flags: BlockStatusFlag, pnum: int, offset: int | None,
+                 file: HostFile | None) -> None:
+        self.flags = flags
+        self.pnum = pnum
+        self.offset = offset
+        self.file = file
 
 
 class Driver:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from .errors import ImageError, RequestError
 from .hostfile import SECTOR_SIZE, HostFile, NotSupported
 from .node import OFFSET_VALID, RAW, Driver, DriverStatus
 
+TYPE_CHECKING = False  # typing itself costs start-up time
 if TYPE_CHECKING:
     from .api import ImageInfo
 

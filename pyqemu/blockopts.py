@@ -9,10 +9,9 @@ takes; and the backing-file path rules of block.c.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pyqemu.units import ERANGE, SizeError, strtosz
 
+TYPE_CHECKING = False  # typing itself costs start-up time
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 

@@ -11,8 +11,8 @@ block-sized pieces glibc would release them.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # typing itself costs start-up time
 if TYPE_CHECKING:
     from typing import TextIO
 

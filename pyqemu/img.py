@@ -8,13 +8,14 @@ img_compare), imported only when that subcommand runs so start-up stays small.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, TextIO
 
 from pyqemu.console import Console, program_name, release_stdout
 from pyqemu.getopt import NO_ARGUMENT, REQUIRED_ARGUMENT, GetOpt, LongOption
 
+TYPE_CHECKING = False  # typing itself costs start-up time
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from typing import TextIO
 
 VERSION = "7.2.0 (pyqemu 0.1.0)"
 COPYRIGHT = "Copyright (c) 2003-2022 Fabrice Bellard and the QEMU Project developers"

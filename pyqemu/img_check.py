@@ -11,12 +11,15 @@ summarised, and the image checked again.
 from __future__ import annotations
 
 import errno as errno_codes
-from typing import Any
 
 from pyqemu.getopt import REQUIRED_ARGUMENT, LongOption
 from pyqemu.img import FORCE_SHARE, FORMAT, HELP, IMAGE_OPTS, OBJECT, OUTPUT, Exit, ImgTool
 from pyqemu.img_open import open_image
 from pyqemu.qobject import ordered, to_json
+
+TYPE_CHECKING = False  # typing itself costs start-up time
+if TYPE_CHECKING:
+    from typing import Any
 
 REPAIR = LongOption("repair", REQUIRED_ARGUMENT, "r")
 CACHE_MODES = ("none", "off", "directsync", "writeback", "unsafe", "writethrough")

@@ -9,10 +9,12 @@ failed.
 
 from __future__ import annotations
 
-from typing import Any
-
 from pyqemu.img import FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, Exit, ImgTool
 from pyqemu.img_open import open_image
+
+TYPE_CHECKING = False  # typing itself costs start-up time
+if TYPE_CHECKING:
+    from typing import Any
 
 SECTOR = 512
 IO_BUF_SIZE = 2 * 1024 * 1024

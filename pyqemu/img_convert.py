@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno as errno_codes
 import os
-from typing import Any
 
 from pyqemu.blockopts import (
     OptionError,
@@ -28,6 +27,10 @@ from pyqemu.img import FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, Exit, ImgTool
 from pyqemu.img_create import _print_option_help, cvtnum, format_options
 from pyqemu.img_open import open_image
 from pyqemu.progress import Progress
+
+TYPE_CHECKING = False  # typing itself costs start-up time
+if TYPE_CHECKING:
+    from typing import Any
 
 SECTOR = 512
 BUF_SECTORS = 2 * 1024 * 1024 // SECTOR

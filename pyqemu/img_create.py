@@ -9,7 +9,6 @@ the line QEMU prints before creating lists every option that has a value.
 from __future__ import annotations
 
 import errno as errno_codes
-from typing import Any
 
 from pyqemu.blockopts import (
     OptionDesc,
@@ -24,6 +23,10 @@ from pyqemu.blockopts import (
 )
 from pyqemu.img import HELP, OBJECT, Exit, ImgTool
 from pyqemu.units import INT64_MAX, SizeError, strtosz
+
+TYPE_CHECKING = False  # typing itself costs start-up time
+if TYPE_CHECKING:
+    from typing import Any
 
 # file-posix's creation options: the protocol layer under every format here
 FILE_PROTOCOL_OPTIONS = (

@@ -7,13 +7,15 @@ bdrv_image_info_dump or QEMU's JSON visitor print it.
 
 from __future__ import annotations
 
-from typing import Any
-
 from pyqemu.getopt import NO_ARGUMENT, LongOption
 from pyqemu.img import FORCE_SHARE, FORMAT, HELP, IMAGE_OPTS, OBJECT, OUTPUT, Exit, ImgTool
 from pyqemu.img_open import open_image
 from pyqemu.qobject import dump_human, ordered, to_json
 from pyqemu.units import size_to_str
+
+TYPE_CHECKING = False  # typing itself costs start-up time
+if TYPE_CHECKING:
+    from typing import Any
 
 BACKING_CHAIN = LongOption("backing-chain", NO_ARGUMENT, "backing-chain")
 

@@ -12,12 +12,15 @@ it merge more, exactly as QEMU does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from pyqemu.getopt import REQUIRED_ARGUMENT, LongOption
 from pyqemu.img import FORCE_SHARE, FORMAT, HELP, IMAGE_OPTS, OBJECT, OUTPUT, Exit, ImgTool
 from pyqemu.img_create import cvtnum
 from pyqemu.img_open import open_image
+
+TYPE_CHECKING = False  # typing itself costs start-up time
+if TYPE_CHECKING:
+    from typing import Any
 
 START_OFFSET = LongOption("start-offset", REQUIRED_ARGUMENT, "s")
 MAX_LENGTH = LongOption("max-length", REQUIRED_ARGUMENT, "l")

@@ -6,8 +6,6 @@ end the subcommand with status 1 (compare passes its own status).
 
 from __future__ import annotations
 
-from typing import Any
-
 from pyqemu.blockopts import OptionError
 from pyqemu.img import Exit, ImgTool
 from pyqemu.opening import (
@@ -19,6 +17,10 @@ from pyqemu.opening import (
     print_notice,
     print_open_messages,
 )
+
+TYPE_CHECKING = False  # typing itself costs start-up time
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def open_image(tool: ImgTool, filename: str, fmt: str | None, image_opts: bool,

@@ -8,13 +8,13 @@ until quit or end of input.  The commands themselves live in io_cmds.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from typing import Any, TextIO
 
 from pyqemu.console import Console, program_name, release_stdout
 from pyqemu.getopt import NO_ARGUMENT, REQUIRED_ARGUMENT, GetOpt, LongOption
+
+TYPE_CHECKING = False  # typing itself costs start-up time
+if TYPE_CHECKING:
+    from typing import Any, TextIO
 
 VERSION = "7.2.0 (pyqemu 0.1.0)"
 COPYRIGHT = "Copyright (c) 2003-2022 Fabrice Bellard and the QEMU Project developers"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
 
 from pyqemu.getopt import GetOpt
 from pyqemu.units import (
@@ -30,6 +29,7 @@ from pyqemu.units import (
     strtosz,
 )
 
+TYPE_CHECKING = False  # typing itself costs start-up time
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 

@@ -8,9 +8,11 @@ with QEMU's wording, as OptionError.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from pyqemu.blockopts import OptionError, QemuOpts, flatten, nest, parse_into, parse_json_filename
+
+TYPE_CHECKING = False  # typing itself costs start-up time
+if TYPE_CHECKING:
+    from typing import Any
 
 FORCE_SHARE = "force-share"
 

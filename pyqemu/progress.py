@@ -11,8 +11,8 @@ that decides which lines appear.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # typing itself costs start-up time
 if TYPE_CHECKING:
     from pyqemu.console import Console
 

@@ -11,8 +11,8 @@ statistics units, and report_lines builds qemu-io's two-line I/O report.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # typing itself costs start-up time
 if TYPE_CHECKING:
     from collections.abc import Callable
 

@@ -17,11 +17,10 @@ import errno
 import struct
 from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError, ImageError
 from ..node import DATA, OFFSET_VALID, RECURSE, ZERO
+from ..record import Record
 from .format import (
     L1E_OFFSET_MASK,
     L1E_SIZE,
@@ -36,6 +35,7 @@ from .format import (
 )
 from .refcount import DISCARD_ALWAYS, DISCARD_NEVER, DISCARD_OTHER, DISCARD_REQUEST
 
+TYPE_CHECKING = False  # typing itself costs start-up time
 if TYPE_CHECKING:
     from .driver import Qcow2Driver
 
@@ -75,24 +75,33 @@ def needs_new_alloc(entry: int) -> bool:
     return True
 
 
-@dataclass
-class CowRegion:
-    offset: int
-    nb_bytes: int
+class CowRegion(Record):
+    """A part of newly allocated clusters that keeps its old contents."""
+
+    __slots__ = _fields = ("offset", "nb_bytes")
+
+    def __init__(self, offset: int, nb_bytes: int) -> None:
+        self.offset = offset
+        self.nb_bytes = nb_bytes
 
 
-@dataclass
-class L2Meta:
+class L2Meta(Record):
     """An in-flight allocation: QEMU's QCowL2Meta."""
 
-    offset: int            # guest offset of the first cluster
-    alloc_offset: int      # host offset of the first cluster
-    nb_clusters: int
-    keep_old_clusters: bool
-    cow_start: CowRegion
-    cow_end: CowRegion
-    skip_cow: bool = False
-    data: memoryview | None = None
+    __slots__ = _fields = ("offset", "alloc_offset", "nb_clusters", "keep_old_clusters",
+                           "cow_start", "cow_end", "skip_cow", "data")
+
+    def __init__(self, offset: int, alloc_offset: int, nb_clusters: int,
+                 keep_old_clusters: bool, cow_start: CowRegion, cow_end: CowRegion,
+                 skip_cow: bool = False, data: memoryview | None = None) -> None:
+        self.offset = offset                # guest offset of the first cluster
+        self.alloc_offset = alloc_offset    # host offset of the first cluster
+        self.nb_clusters = nb_clusters
+        self.keep_old_clusters = keep_old_clusters
+        self.cow_start = cow_start
+        self.cow_end = cow_end
+        self.skip_cow = skip_cow
+        self.data = data
 
 
 class ClusterMapping:

@@ -18,7 +18,6 @@ import zlib
 from array import array
 from bisect import bisect_left
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError, ImageError, RequestError, UnsupportedImageError
 from ..hostfile import HostFile, NotSupported
@@ -61,6 +60,7 @@ from .refcount import (
     Refcounts,
 )
 
+TYPE_CHECKING = False  # typing itself costs start-up time
 if TYPE_CHECKING:
     from ..api import CheckResult, ImageInfo
 
@@ -268,7 +268,7 @@ class Qcow2Driver(ClusterMapping, Driver):
         fmt.validate_compression_type(header)
         unknown_incompatible = header.incompatible_features & ~fmt.INCOMPAT_MASK
         if unknown_incompatible:
-            probe = fmt.Header(**{k: getattr(header, k) for k in header.__dataclass_fields__})
+            probe = header.copy()
             probe.feature_table = []
             fmt.read_extensions(probe, read, feature_table_only=True)
             raise UnsupportedImageError(
@@ -1274,7 +1274,6 @@ class Qcow2Driver(ClusterMapping, Driver):
         if fix:
             self._reload_metadata()
         return result
-
 
 
 # -- creating images -----------------------------------------------------------------------

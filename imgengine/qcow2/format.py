@@ -13,9 +13,9 @@ import struct
 import sys
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from ..errors import CorruptImageError, UnsupportedImageError
+from ..record import Record
 
 MAGIC = 0x514649FB  # "QFI\xfb"
 
@@ -142,58 +142,88 @@ def hexc(value: int) -> str:
     return f"{value:#x}" if value else "0"
 
 
-@dataclass
-class Feature:
+class Feature(Record):
     """One entry of the feature name table extension."""
 
-    type: int
-    bit: int
-    name: str
+    _fields = ("type", "bit", "name")
+
+    def __init__(self, type: int, bit: int, name: str) -> None:
+        self.type = type
+        self.bit = bit
+        self.name = name
 
 
-@dataclass
-class BitmapsExtension:
+class BitmapsExtension(Record):
     """The persistent dirty bitmaps header extension."""
 
-    nb_bitmaps: int
-    directory_size: int
-    directory_offset: int
+    _fields = ("nb_bitmaps", "directory_size", "directory_offset")
+
+    def __init__(self, nb_bitmaps: int, directory_size: int, directory_offset: int) -> None:
+        self.nb_bitmaps = nb_bitmaps
+        self.directory_size = directory_size
+        self.directory_offset = directory_offset
 
 
-@dataclass
-class Header:
+class Header(Record):
     """The qcow2 header, its extensions and the backing file name."""
 
-    magic: int = MAGIC
-    version: int = 3
-    backing_file_offset: int = 0
-    backing_file_size: int = 0
-    cluster_bits: int = 16
-    size: int = 0
-    crypt_method: int = CRYPT_NONE
-    l1_size: int = 0
-    l1_table_offset: int = 0
-    refcount_table_offset: int = 0
-    refcount_table_clusters: int = 0
-    nb_snapshots: int = 0
-    snapshots_offset: int = 0
-    incompatible_features: int = 0
-    compatible_features: int = 0
-    autoclear_features: int = 0
-    refcount_order: int = 4
-    header_length: int = HEADER_V3_LENGTH
-    compression_type: int = COMPRESSION_ZLIB
-    # Header bytes beyond what QEMU 7.2 knows, kept when rewriting.
-    unknown_fields: bytes = b""
-    backing_format: str | None = None
-    backing_file: str | None = None
-    data_file: str | None = None
-    feature_table: list[Feature] = field(default_factory=list)
-    bitmaps: BitmapsExtension | None = None
-    crypto_header: tuple[int, int] | None = None
-    # Extensions QEMU does not know, as (magic, payload), in the order QEMU
-    # would write them back.
-    unknown_extensions: list[tuple[int, bytes]] = field(default_factory=list)
+    _fields = ("magic", "version", "backing_file_offset", "backing_file_size", "cluster_bits",
+               "size", "crypt_method", "l1_size", "l1_table_offset", "refcount_table_offset",
+               "refcount_table_clusters", "nb_snapshots", "snapshots_offset",
+               "incompatible_features", "compatible_features", "autoclear_features",
+               "refcount_order", "header_length", "compression_type", "unknown_fields",
+               "backing_format", "backing_file", "data_file", "feature_table", "bitmaps",
+               "crypto_header", "unknown_extensions")
+
+    def __init__(self, magic: int = MAGIC, version: int = 3, backing_file_offset: int = 0,
+                 backing_file_size: int = 0, cluster_bits: int = 16, size: int = 0,
+                 crypt_method: int = CRYPT_NONE, l1_size: int = 0, l1_table_offset: int = 0,
+                 refcount_table_offset: int = 0, refcount_table_clusters: int = 0,
+                 nb_snapshots: int = 0, snapshots_offset: int = 0,
+                 incompatible_features: int = 0, compatible_features: int = 0,
+                 autoclear_features: int = 0, refcount_order: int = 4,
+                 header_length: int = HEADER_V3_LENGTH,
+                 compression_type: int = COMPRESSION_ZLIB, unknown_fields: bytes = b"",
+                 backing_format: str | None = None, backing_file: str | None = None,
+                 data_file: str | None = None, feature_table: list[Feature] | None = None,
+                 bitmaps: BitmapsExtension | None = None,
+                 crypto_header: tuple[int, int] | None = None,
+                 unknown_extensions: list[tuple[int, bytes]] | None = None) -> None:
+        self.magic = magic
+        self.version = version
+        self.backing_file_offset = backing_file_offset
+        self.backing_file_size = backing_file_size
+        self.cluster_bits = cluster_bits
+        self.size = size
+        self.crypt_method = crypt_method
+        self.l1_size = l1_size
+        self.l1_table_offset = l1_table_offset
+        self.refcount_table_offset = refcount_table_offset
+        self.refcount_table_clusters = refcount_table_clusters
+        self.nb_snapshots = nb_snapshots
+        self.snapshots_offset = snapshots_offset
+        self.incompatible_features = incompatible_features
+        self.compatible_features = compatible_features
+        self.autoclear_features = autoclear_features
+        self.refcount_order = refcount_order
+        self.header_length = header_length
+        self.compression_type = compression_type
+        # Header bytes beyond what QEMU 7.2 knows, kept when rewriting.
+        self.unknown_fields = unknown_fields
+        self.backing_format = backing_format
+        self.backing_file = backing_file
+        self.data_file = data_file
+        self.feature_table: list[Feature] = feature_table if feature_table is not None else []
+        self.bitmaps = bitmaps
+        self.crypto_header = crypto_header
+        # Extensions QEMU does not know, as (magic, payload), in the order QEMU
+        # would write them back.
+        self.unknown_extensions: list[tuple[int, bytes]] = \
+            unknown_extensions if unknown_extensions is not None else []
+
+    def copy(self) -> Header:
+        """A shallow copy, field by field."""
+        return Header(**{name: getattr(self, name) for name in self._fields})
 
     @property
     def cluster_size(self) -> int:

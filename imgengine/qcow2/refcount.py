@@ -14,7 +14,6 @@ import errno
 import os
 import struct
 from array import array
-from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError, ImageError
 from .cache import TableCache, entry_codec
@@ -31,6 +30,7 @@ from .format import (
     hexc,
 )
 
+TYPE_CHECKING = False  # typing itself costs start-up time
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
