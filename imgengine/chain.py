@@ -191,12 +191,25 @@ def map_entries(node: BlockNode, start: int = 0,
     """The merged entries ``qemu-img map`` prints for ``[start, start+length)``."""
     from .api import MapEntry
 
+    for run in map_runs(node, start, length):
+        yield MapEntry(*run)
+
+
+# A merged map entry as a plain tuple: MapEntry's fields in MapEntry's order
+# (start, length, depth, present, zero, data, host offset, file name).
+MapRun = tuple[int, int, int, bool, bool, bool, "int | None", "str | None"]
+
+
+def map_runs(node: BlockNode, start: int = 0, length: int | None = None) -> Iterator[MapRun]:
+    """``map_entries`` as plain tuples, for consumers of many entries."""
     end = node.length()
     if length is not None:
         end = min(start + length, end)
     if start >= end:
-        yield MapEntry(start=start, length=0, depth=0, present=False, zero=False,
-                       data=False, offset=None, filename=None)
+        yield start, 0, 0, False, False, False, None, None
+        return
+    if node.backing is None:
+        yield from _single_layer_map(node, start, end)
         return
     # Runs are merged as qemu-img merges entries: same flags and depth, same
     # file, and host offsets that continue.
@@ -214,10 +227,89 @@ def map_entries(node: BlockNode, start: int = 0,
             c_size += size
             continue
         if c_size > 0:
-            yield MapEntry(c_start, c_size, c_depth, c_present, c_zero, c_data, c_host,
-                           c_file.filename if c_file is not None else None)
+            yield (c_start, c_size, c_depth, c_present, c_zero, c_data, c_host,
+                   c_file.filename if c_file is not None else None)
         c_start, c_size, c_depth, c_present, c_zero, c_data, c_host, c_file = \
             run_start, size, depth, present, zero, data, host, file
     if c_size > 0:
-        yield MapEntry(c_start, c_size, c_depth, c_present, c_zero, c_data, c_host,
+        yield (c_start, c_size, c_depth, c_present, c_zero, c_data, c_host,
+               c_file.filename if c_file is not None else None)
+
+
+# (present, zero, data) of a run of a layer without backing, by the run's
+# DATA | ZERO | OFFSET_VALID flags: no flags is a hole, which reads as zeroes.
+_SINGLE_LAYER_KINDS = tuple((bool(flags), bool(flags & ZERO) or not flags, bool(flags & DATA))
+                            for flags in range(8))
+
+
+def _single_layer_map(node: BlockNode, start: int, end: int) -> Iterator[MapRun]:
+    """``map_runs`` of a node without backing: what ``_layer_runs`` and the
+    merging in ``map_runs`` give, in one loop.
+
+    Every entry has depth 0 and its (present, zero, data) follow from its
+    flags alone, so runs merge when their flags match (and host offsets
+    continue in the same file); this is what makes mapping an image of
+    100,000 extents quick.
+    """
+    kinds = _SINGLE_LAYER_KINDS
+    wanted = DATA | ZERO | OFFSET_VALID
+    c_start = start
+    c_size = 0
+    c_flags = -1
+    c_host: int | None = None
+    c_file: HostFile | None = None
+    for flags, size, host, file in node.driver.status_runs(start, end):
+        run_start = start
+        start += size
+        if size <= 0:
+            continue
+        if flags & (RAW | RECURSE):
+            pieces = _file_pieces(flags, file, host, run_start, size)
+        else:
+            # The common case, without building pieces.
+            flags &= wanted
+            if flags & OFFSET_VALID:
+                if flags == c_flags and file is c_file and host == c_host + c_size:  # type: ignore[operator]
+                    c_size += size
+                    continue
+            elif flags == c_flags and c_host is None:
+                c_size += size
+                continue
+            else:
+                host = file = None
+            if c_size > 0:
+                present, zero, data = kinds[c_flags]
+                yield (c_start, c_size, 0, present, zero, data, c_host,
                        c_file.filename if c_file is not None else None)
+            c_start, c_size, c_flags, c_host, c_file = run_start, size, flags, host, file
+            continue
+        for flags, run_start, size, host in pieces:
+            if size <= 0:
+                continue
+            if flags == c_flags and c_host is not None and file is c_file \
+                    and host == c_host + c_size:
+                c_size += size
+                continue
+            if c_size > 0:
+                present, zero, data = kinds[c_flags]
+                yield (c_start, c_size, 0, present, zero, data, c_host,
+                       c_file.filename if c_file is not None else None)
+            c_start, c_size, c_flags, c_host, c_file = run_start, size, flags, host, file
+    if c_size > 0:
+        present, zero, data = kinds[c_flags]
+        yield (c_start, c_size, 0, present, zero, data, c_host,
+               c_file.filename if c_file is not None else None)
+
+
+def _file_pieces(flags: int, file: HostFile, host: int, run_start: int,
+                 size: int) -> list[tuple[int, int, int, int]]:
+    """A RAW or RECURSE run split as the file's own block status splits it:
+    (flags, guest start, length, host offset) of each piece."""
+    pieces = []
+    for offset, piece, file_flags in _file_runs(file, host, size):
+        # Metadata preallocation (RECURSE): holes in the file read as zero,
+        # and the range is data all the same.
+        data = file_flags & DATA if flags & RAW else DATA
+        pieces.append(((file_flags & ZERO) | data | OFFSET_VALID,
+                       run_start + offset - host, piece, offset))
+    return pieces

@@ -83,9 +83,13 @@ class Console:
 
     def out(self, text: str) -> None:
         """printf to stdout."""
-        if not text:
+        if text:
+            self.out_bytes(text.encode("utf-8", "surrogateescape"))
+
+    def out_bytes(self, data: bytes) -> None:
+        """printf to stdout of text already encoded."""
+        if not data:
             return
-        data = text.encode("utf-8", "surrogateescape")
         if self._line_buffered:
             self._buffer += data
             if b"\n" in data:

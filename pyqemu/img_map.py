@@ -11,8 +11,6 @@ it merge more, exactly as QEMU does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pyqemu.getopt import REQUIRED_ARGUMENT, LongOption
 from pyqemu.img import FORCE_SHARE, FORMAT, HELP, IMAGE_OPTS, OBJECT, OUTPUT, Exit, ImgTool
 from pyqemu.img_create import cvtnum
@@ -26,16 +24,22 @@ START_OFFSET = LongOption("start-offset", REQUIRED_ARGUMENT, "s")
 MAX_LENGTH = LongOption("max-length", REQUIRED_ARGUMENT, "l")
 
 
-@dataclass
 class Entry:
-    start: int
-    length: int
-    depth: int = 0
-    present: bool = False
-    zero: bool = False
-    data: bool = False
-    offset: int | None = None
-    filename: str | None = None
+    """One entry of the map being printed (QEMU's MapEntry)."""
+
+    __slots__ = ("start", "length", "depth", "present", "zero", "data", "offset", "filename")
+
+    def __init__(self, start: int, length: int, depth: int = 0, present: bool = False,
+                 zero: bool = False, data: bool = False, offset: int | None = None,
+                 filename: str | None = None) -> None:
+        self.start = start
+        self.length = length
+        self.depth = depth
+        self.present = present
+        self.zero = zero
+        self.data = data
+        self.offset = offset
+        self.filename = filename
 
     def continued_by(self, other: Entry) -> bool:
         """entry_mergeable: does other carry on where this entry ends?"""
@@ -150,31 +154,65 @@ def _walk(tool: ImgTool, node: object, filename: str, as_json: bool, start_offse
     return 0
 
 
+# Entries formatted per batch: one console write per batch instead of one
+# per entry, with memory bounded by the batch.
+_JSON_BATCH = 4096
+
+
+def _json_template(depth: int, present: bool, zero: bool, data: bool,
+                   has_offset: bool) -> bytes:
+    """_json's text for entries of one kind, with %d left for start, length
+    (and offset): formatting an entry is then a single % operation (on
+    bytes, which is quicker than on str and needs no encoding after)."""
+    text = ('{ "start": %%d, "length": %%d, "depth": %d, "present": %s, "zero": %s, '
+            '"data": %s' % (depth, _bool(present), _bool(zero), _bool(data)))
+    if has_offset:
+        text += ', "offset": %d'
+    return (text + "}").encode()
+
+
 def _json_from_engine(tool: ImgTool, node: Any, start: int, end: int) -> int:
     """JSON output from the engine's merged entries (BlockNode.map does QEMU's
     merging, and in bulk): each entry printed as soon as the next is known."""
     import imgengine
 
-    entries = iter(node.map(start, end - start))
-    previous: Entry | None = None
-    while True:
-        try:
-            step = next(entries, None)
-        except (imgengine.ImageError, OSError) as error:
-            tool.notice(error)
-            tool.error(f"Could not read file metadata: {_strerror(error)}")
-            return 1
-        if step is None:
-            break
-        entry = Entry(step.start, step.length, step.depth, bool(step.present),
-                      bool(step.zero), bool(step.data), step.offset)
-        if previous is not None:
-            tool.out(_json(previous) + ",\n")
-        previous = entry
-    if previous is None:
-        previous = Entry(start, 0)
-    tool.out(_json(previous) + "]\n")
+    runs = node.map_runs(start, end - start) if hasattr(node, "map_runs") else \
+        ((e.start, e.length, e.depth, e.present, e.zero, e.data, e.offset, e.filename)
+         for e in node.map(start, end - start))
+    templates: dict[tuple[int, bool, bool, bool, bool], bytes] = {}
+    # Formatted entries not yet printed; the last is held back until the next
+    # one is known, as QEMU prints an entry only once it cannot grow.
+    lines: list[bytes] = []
+    try:
+        for run_start, length, depth, present, zero, data, offset, _file in runs:
+            key = (depth, present, zero, data, offset is not None)
+            template = templates.get(key)
+            if template is None:
+                template = templates[key] = _json_template(*key)
+            lines.append(template % ((run_start, length) if offset is None
+                                     else (run_start, length, offset)))
+            if len(lines) > _JSON_BATCH:
+                _out_lines(tool, b",\n".join(lines[:-1]) + b",\n")
+                del lines[:-1]
+    except (imgengine.ImageError, OSError) as error:
+        if len(lines) > 1:
+            _out_lines(tool, b",\n".join(lines[:-1]) + b",\n")
+        tool.notice(error)
+        tool.error(f"Could not read file metadata: {_strerror(error)}")
+        return 1
+    if not lines:
+        lines.append(_json(Entry(start, 0)).encode())
+    _out_lines(tool, b",\n".join(lines) + b"]\n")
     return 0
+
+
+def _out_lines(tool: ImgTool, data: bytes) -> None:
+    """Print what QEMU prints in many short printf calls (each shorter than
+    stdout's buffer) in one go, leaving stdout's buffer as those calls would:
+    all but the last byte in one call, then the last byte, so that output
+    ending on a block boundary stays buffered rather than written."""
+    tool.console.out_bytes(data[:-1])
+    tool.console.out_bytes(data[-1:])
 
 
 def _print(tool: ImgTool, as_json: bool, entry: Entry, following: Entry | None) -> bool:

@@ -182,6 +182,8 @@ class ClusterMapping:
         slice_entries = self.l2_slice_size
         v2 = self.qcow_version < 3
         offset_mask = L2E_OFFSET_MASK
+        # A plain zero cluster has the zero flag, no host offset and is not compressed.
+        plain_zero_mask = OFLAG_ZERO | L2E_OFFSET_MASK | OFLAG_COMPRESSED
         pos = start
         while pos < end:
             l1_index = pos >> l2_span_bits
@@ -227,6 +229,13 @@ class ClusterMapping:
                         host += run_start - base - (i << cb)
                         flags = data_flags
                         run_file = file
+                    elif entry & plain_zero_mask == OFLAG_ZERO and not v2:
+                        # Plain zero clusters (ZERO_PLAIN), without calls.
+                        while j < stop and table[j] & plain_zero_mask == OFLAG_ZERO:
+                            j += 1
+                        flags = ZERO
+                        host = None
+                        run_file = None
                     else:
                         ctype = cluster_type(entry)
                         if v2 and ctype in (ZERO_PLAIN, ZERO_ALLOC):
