@@ -251,6 +251,11 @@ def _single_layer_map(node: BlockNode, start: int, end: int) -> Iterator[MapRun]
     continue in the same file); this is what makes mapping an image of
     100,000 extents quick.
     """
+    in_bulk = getattr(node.driver, "map_runs_alone", None)
+    runs = in_bulk(start, end) if in_bulk is not None else None
+    if runs is not None:
+        yield from runs
+        return
     kinds = _SINGLE_LAYER_KINDS
     wanted = DATA | ZERO | OFFSET_VALID
     c_start = start
