@@ -191,6 +191,12 @@ class ClusterMapping:
             l2_offset = self.l1_table[l1_index] & L1E_OFFSET_MASK \
                 if l1_index < self.l1_size else 0
             if not l2_offset:
+                # Following L1 entries without an L2 table are the same run.
+                next_index = self._next_l2_table(l1_index + 1, ((end - 1) >> l2_span_bits) + 1)
+                if next_index >= self.l1_size:
+                    span_end = end
+                else:
+                    span_end = min(end, next_index << l2_span_bits)
                 yield 0, span_end - pos, None, None
                 pos = span_end
                 continue
@@ -360,6 +366,20 @@ class ClusterMapping:
             present, zero, data = kinds[c_kind]
             yield (c_start, end - c_start, 0, present, zero, data, c_host,
                    filename if c_host is not None else None)
+
+    def _next_l2_table(self: Qcow2Driver, index: int, limit: int) -> int:
+        """The first L1 index from ``index`` (below ``limit`` and the L1 size)
+        that has an L2 table, or where the search stopped."""
+        limit = min(limit, self.l1_size)
+        table = self.l1_table
+        if index < limit and not table[index]:
+            # Skip all-zero entries in one go (the table is mostly zero in a
+            # sparse image); what is left is checked entry by entry.
+            raw = table[index:limit].tobytes()
+            index += (len(raw) - len(raw.lstrip(b"\0"))) // 8
+        while index < limit and not table[index] & L1E_OFFSET_MASK:
+            index += 1
+        return index
 
     def _unaligned_cluster(self: Qcow2Driver, host: int, l2_offset: int, index: int) -> None:
         raise self.signal_corruption(f"Cluster allocation offset {hexc(host)} unaligned (L2 "

@@ -188,8 +188,10 @@ class Refcounts:
         self._update_max_table_index()
 
     def _update_max_table_index(self) -> None:
-        index = self.table_size - 1
         table = self.table
+        # Entries past the last non-zero byte are zero: start the scan there.
+        nonzero_bytes = len(table.tobytes().rstrip(b"\0"))
+        index = min(self.table_size, (nonzero_bytes + 7) // 8) - 1
         while index > 0 and not table[index] & REFT_OFFSET_MASK:
             index -= 1
         self.max_table_index = max(index, 0)
