@@ -28,11 +28,10 @@ import os
 import struct
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError, ImageError, UnsupportedImageError
 from ..hostfile import HostFile
+from ..record import Record
 from .format import (
     AUTOCLEAR_BITMAPS,
     AUTOCLEAR_DATA_FILE_RAW,
@@ -79,6 +78,7 @@ from .format import (
 )
 from .refcount import RefcountAreaLayout, queue_discard
 
+TYPE_CHECKING = False  # typing itself costs start-up time
 if TYPE_CHECKING:
     from .driver import Qcow2Driver
 
@@ -160,21 +160,29 @@ DISCARD_PASSTHROUGH = (False, True, False, True, False)
 REFCOUNT_CACHE_SLOTS = 4  # MIN_REFCOUNT_CACHE_SIZE: what qemu-img gets
 
 
-@dataclass
-class CheckResult:
+class CheckResult(Record):
     """QEMU's ImageCheck for one check, plus what it printed meanwhile."""
 
-    check_errors: int
-    corruptions: int
-    leaks: int
-    corruptions_fixed: int
-    leaks_fixed: int
-    image_end_offset: int | None
-    total_clusters: int | None
-    allocated_clusters: int | None
-    fragmented_clusters: int | None
-    compressed_clusters: int | None
-    messages: list[str] = field(default_factory=list)
+    _fields = ("check_errors", "corruptions", "leaks", "corruptions_fixed", "leaks_fixed",
+               "image_end_offset", "total_clusters", "allocated_clusters",
+               "fragmented_clusters", "compressed_clusters", "messages")
+
+    def __init__(self, check_errors: int, corruptions: int, leaks: int,
+                 corruptions_fixed: int, leaks_fixed: int, image_end_offset: int | None,
+                 total_clusters: int | None, allocated_clusters: int | None,
+                 fragmented_clusters: int | None, compressed_clusters: int | None,
+                 messages: list[str] | None = None) -> None:
+        self.check_errors = check_errors
+        self.corruptions = corruptions
+        self.leaks = leaks
+        self.corruptions_fixed = corruptions_fixed
+        self.leaks_fixed = leaks_fixed
+        self.image_end_offset = image_end_offset
+        self.total_clusters = total_clusters
+        self.allocated_clusters = allocated_clusters
+        self.fragmented_clusters = fragmented_clusters
+        self.compressed_clusters = compressed_clusters
+        self.messages: list[str] = messages if messages is not None else []
 
 
 class CheckFailedError(ImageError):
@@ -373,22 +381,25 @@ class _CountedRefs:
 
 # -- the snapshot table ------------------------------------------------------------------
 
-@dataclass
 class _Snapshot:
     """One snapshot table entry as QEMU keeps it in memory."""
 
-    l1_table_offset: int
-    l1_size: int
-    id_str: bytes
-    name: bytes
-    date_sec: int
-    date_nsec: int
-    vm_clock_nsec: int
-    vm_state_size: int
-    extra_data_size: int
-    disk_size: int
-    icount: int
-    unknown_extra_data: bytes
+    def __init__(self, l1_table_offset: int, l1_size: int, id_str: bytes, name: bytes,
+                 date_sec: int, date_nsec: int, vm_clock_nsec: int, vm_state_size: int,
+                 extra_data_size: int, disk_size: int, icount: int,
+                 unknown_extra_data: bytes) -> None:
+        self.l1_table_offset = l1_table_offset
+        self.l1_size = l1_size
+        self.id_str = id_str
+        self.name = name
+        self.date_sec = date_sec
+        self.date_nsec = date_nsec
+        self.vm_clock_nsec = vm_clock_nsec
+        self.vm_state_size = vm_state_size
+        self.extra_data_size = extra_data_size
+        self.disk_size = disk_size
+        self.icount = icount
+        self.unknown_extra_data = unknown_extra_data
 
     def label(self) -> str:
         """``%s (%s)`` of id and name: C strings end at the first NUL."""
@@ -397,15 +408,16 @@ class _Snapshot:
         return f"{ident} ({name})"
 
 
-@dataclass
 class _Bitmap:
     """A bitmap directory entry, as bitmap_list_load keeps it."""
 
-    table_offset: int
-    table_size: int
-    flags: int
-    granularity_bits: int
-    name: bytes
+    def __init__(self, table_offset: int, table_size: int, flags: int,
+                 granularity_bits: int, name: bytes) -> None:
+        self.table_offset = table_offset
+        self.table_size = table_size
+        self.flags = flags
+        self.granularity_bits = granularity_bits
+        self.name = name
 
 
 def _check_bitmap_table_entry(entry: int, cluster_size: int) -> bool:
