@@ -3,7 +3,6 @@ that misbehave on purpose so that every kind of disagreement can be shown."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 
@@ -58,22 +57,33 @@ def tampered(qemu) -> Callable[..., Tampered]:
 def broken_present(monkeypatch) -> None:
     """The engine bug docs/walkthrough.md introduces by hand: qemu-img map's
     `present` taken from the data flag, so a zero cluster (or a hole in a
-    raw file) reads as not present. Broken at the public BlockNode.map and
-    map_entry, whatever paths the engine takes inside them."""
+    raw file) reads as not present. Broken at the public BlockNode.map,
+    map_runs and map_entry, whatever paths the engine takes inside them."""
+    from imgengine import MapEntry
     from imgengine.node import BlockNode
 
     original_map, original_entry = BlockNode.map, BlockNode.map_entry
+    original_runs = BlockNode.map_runs
+
+    def broken(entry: MapEntry) -> MapEntry:
+        return MapEntry(entry.start, entry.length, entry.depth, entry.data, entry.zero,
+                        entry.data, entry.offset, entry.filename)
 
     def map_entry(self, offset, length):
-        entry = original_entry(self, offset, length)
-        return dataclasses.replace(entry, present=entry.data)
+        return broken(original_entry(self, offset, length))
 
     def map_all(self, start=0, length=None):
         for entry in original_map(self, start, length):
-            yield dataclasses.replace(entry, present=entry.data)
+            yield broken(entry)
+
+    def map_runs(self, start=0, length=None):
+        for run_start, size, depth, _present, zero, data, offset, filename in \
+                original_runs(self, start, length):
+            yield run_start, size, depth, data, zero, data, offset, filename
 
     monkeypatch.setattr(BlockNode, "map_entry", map_entry)
     monkeypatch.setattr(BlockNode, "map", map_all)
+    monkeypatch.setattr(BlockNode, "map_runs", map_runs)
 
 
 def slow_result(seconds: float) -> Callable[[str, list[str], str, Result], Result]:
