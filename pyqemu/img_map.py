@@ -179,18 +179,27 @@ def _json_from_engine(tool: ImgTool, node: Any, start: int, end: int) -> int:
     runs = node.map_runs(start, end - start) if hasattr(node, "map_runs") else \
         ((e.start, e.length, e.depth, e.present, e.zero, e.data, e.offset, e.filename)
          for e in node.map(start, end - start))
-    templates: dict[tuple[int, bool, bool, bool, bool], bytes] = {}
+    # Templates by (depth, present, zero, data), for entries without and with
+    # a host offset.
+    plain: dict[tuple[int, bool, bool, bool], bytes] = {}
+    located: dict[tuple[int, bool, bool, bool], bytes] = {}
     # Formatted entries not yet printed; the last is held back until the next
     # one is known, as QEMU prints an entry only once it cannot grow.
     lines: list[bytes] = []
+    append = lines.append
     try:
         for run_start, length, depth, present, zero, data, offset, _file in runs:
-            key = (depth, present, zero, data, offset is not None)
-            template = templates.get(key)
-            if template is None:
-                template = templates[key] = _json_template(*key)
-            lines.append(template % ((run_start, length) if offset is None
-                                     else (run_start, length, offset)))
+            kind = (depth, present, zero, data)
+            if offset is None:
+                template = plain.get(kind)
+                if template is None:
+                    template = plain[kind] = _json_template(*kind, False)
+                append(template % (run_start, length))
+            else:
+                template = located.get(kind)
+                if template is None:
+                    template = located[kind] = _json_template(*kind, True)
+                append(template % (run_start, length, offset))
             if len(lines) > _JSON_BATCH:
                 _out_lines(tool, b",\n".join(lines[:-1]) + b",\n")
                 del lines[:-1]

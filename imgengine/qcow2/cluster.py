@@ -327,18 +327,18 @@ class ClusterMapping:
                 slice_end = min(span_end, ((pos >> cb) - first + slice_entries) << cb)
                 table, _ = self.l2_load(pos, l2_offset)
                 stop = (((slice_end - 1) >> cb) & (slice_entries - 1)) + 1
-                # guest offset of the part of entry i that is mapped: pos for
+                # guest offset of the part of the entry that is mapped: pos for
                 # the first (maybe mid-cluster), cluster starts after it
                 guest = pos
-                for i in range(first, stop):
-                    entry = table[i]
+                for entry in table[first:stop]:
                     if not entry:
                         kind = 0
                         host = None
                     elif not entry & compressed_or_zero:
                         host = entry & offset_mask
                         if host & in_cluster:
-                            self._unaligned_cluster(host, l2_offset, i)
+                            self._unaligned_cluster(host, l2_offset,
+                                                    (guest >> cb) & (slice_entries - 1))
                         host += guest & in_cluster
                         kind = data_kind
                     elif entry & plain_zero_mask == OFLAG_ZERO:
@@ -350,7 +350,8 @@ class ClusterMapping:
                     else:
                         host = entry & offset_mask
                         if host & in_cluster:
-                            self._unaligned_cluster(host, l2_offset, i)
+                            self._unaligned_cluster(host, l2_offset,
+                                                    (guest >> cb) & (slice_entries - 1))
                         host += guest & in_cluster
                         kind = zero_alloc_kind
                     if kind != c_kind or (host is not None
