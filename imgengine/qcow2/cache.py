@@ -13,6 +13,7 @@ import sys
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import lru_cache
 
 from ..hostfile import HostFile
 
@@ -20,6 +21,8 @@ Decoder = Callable[[bytes], array]
 Encoder = Callable[[array], bytes]
 
 
+# Every open asks for two codecs, and the same few shapes recur.
+@lru_cache(maxsize=64)
 def entry_codec(bits: int, count: int) -> tuple[Decoder, Encoder]:
     """Big-endian decoder/encoder for ``count`` entries of ``bits`` each.
 
