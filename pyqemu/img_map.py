@@ -155,8 +155,10 @@ def _walk(tool: ImgTool, node: object, filename: str, as_json: bool, start_offse
 
 
 # Entries formatted per batch: one console write per batch instead of one
-# per entry, with memory bounded by the batch.
-_JSON_BATCH = 4096
+# per entry.  A batch (~28 KiB of text) stays below malloc's mmap threshold:
+# with 4096 entries each batch and its copies were fresh mmaps, and their
+# page faults cost more than the batching saved.
+_JSON_BATCH = 256
 
 
 def _json_template(depth: int, present: bool, zero: bool, data: bool,
