@@ -184,6 +184,9 @@ class ClusterMapping:
         offset_mask = L2E_OFFSET_MASK
         # A plain zero cluster has the zero flag, no host offset and is not compressed.
         plain_zero_mask = OFLAG_ZERO | L2E_OFFSET_MASK | OFLAG_COMPRESSED
+        # an entry with none of these bits is unallocated (COPIED or reserved
+        # bits alone do not allocate), the same bits tell a plain zero cluster
+        allocated_mask = plain_zero_mask
         pos = start
         while pos < end:
             l1_index = pos >> l2_span_bits
@@ -214,8 +217,10 @@ class ClusterMapping:
                 while i < stop:
                     entry = table[i]
                     j = i + 1
-                    if not entry:
-                        while j < stop and not table[j]:
+                    if not entry & allocated_mask:
+                        # (no offset and no flag that allocates: unallocated,
+                        # whatever else is set, as cluster_type says)
+                        while j < stop and not table[j] & allocated_mask:
                             j += 1
                         flags = 0
                         host = None
@@ -301,6 +306,9 @@ class ClusterMapping:
         offset_mask = L2E_OFFSET_MASK
         compressed_or_zero = OFLAG_COMPRESSED | OFLAG_ZERO
         plain_zero_mask = OFLAG_ZERO | L2E_OFFSET_MASK | OFLAG_COMPRESSED
+        # an entry with none of these bits is unallocated (COPIED or reserved
+        # bits alone do not allocate), the same bits tell a plain zero cluster
+        allocated_mask = plain_zero_mask
         c_start = start
         c_kind = -1
         c_host: int | None = None
@@ -331,7 +339,7 @@ class ClusterMapping:
                 # the first (maybe mid-cluster), cluster starts after it
                 guest = pos
                 for entry in table[first:stop]:
-                    if not entry:
+                    if not entry & allocated_mask:
                         kind = 0
                         host = None
                     elif not entry & compressed_or_zero:

@@ -311,6 +311,35 @@ def test_l2_entry_damage(image, entry):
     exercise(image)
 
 
+@pytest.mark.parametrize("entry", [
+    fmt.OFLAG_COPIED,                              # no offset: unallocated to QEMU
+    (0xFF << 56) & ~fmt.OFLAG_COMPRESSED,          # only flags and reserved bits
+    0x1001 | fmt.OFLAG_COPIED,
+    (1 << 50) | fmt.OFLAG_COPIED,
+    fmt.OFLAG_ZERO | fmt.OFLAG_COPIED,
+    fmt.OFLAG_ZERO | 0x1200 | fmt.OFLAG_COPIED,
+    0x3000,
+])
+def test_l2_entry_damage_maps_as_qemu_maps_it(image, entry, qemu_img):
+    # qemu-img map's bulk walk must classify a damaged entry exactly as the
+    # request-by-request block status does, and as QEMU does
+    import io
+    import subprocess
+
+    from pyqemu.img import run
+
+    l2_offset, _ = l2_entries(image)
+    for index in (0, 1, 25):
+        poke(image, l2_offset + 8 * index, struct.pack(">Q", entry))
+    for output in ("json", "human"):
+        argv = ["map", "-U", f"--output={output}", image]
+        qemu = subprocess.run([qemu_img, *argv], capture_output=True, text=True, check=False)
+        out, err = io.StringIO(), io.StringIO()
+        status = run(list(argv), io.StringIO(), out, err)
+        assert (out.getvalue(), err.getvalue(), status) == \
+            (qemu.stdout, qemu.stderr.replace(qemu_img, "qemu-img"), qemu.returncode)
+
+
 def test_data_write_onto_metadata_is_refused(image):
     # A data cluster pointing at the refcount table must not be written.
     l2_offset, _ = l2_entries(image)
