@@ -1,9 +1,10 @@
 """qemu-img map: the allocation of every range, human or JSON.
 
-The walk is img_map's: ask the engine for one step of block status through
-the chain (BlockNode.map_entry), merge steps that continue each other, print.
-The human format treats every range without plain data as a hole, which lets
-it merge more, exactly as QEMU does.
+JSON output prints the engine's merged entries (BlockNode.map_runs, which
+walks and merges in bulk, as qemu-img would entry by entry). The human
+format keeps img_map's own walk: one step of block status through the chain
+at a time (BlockNode.map_entry), steps that continue each other merged,
+every range without plain data treated as a hole, exactly as QEMU does.
 """
 
 # QEMU's printf formats are reproduced as printf formats on purpose.
@@ -126,7 +127,7 @@ def _walk(tool: ImgTool, node: object, filename: str, as_json: bool, start_offse
         return 1
     if max_length != -1:
         length = min(start_offset + max_length, length)
-    if as_json and hasattr(node, "map"):
+    if as_json:
         return _json_from_engine(tool, node, start_offset, length)
 
     current = Entry(start_offset, 0)
@@ -144,13 +145,11 @@ def _walk(tool: ImgTool, node: object, filename: str, as_json: bool, start_offse
         if current.continued_by(following):
             current.length += following.length
             continue
-        if current.length > 0 and not _print(tool, as_json, current, following):
+        if current.length > 0 and not _print_human(tool, current, following):
             return 1
         current = following
-    if not _print(tool, as_json, current, None):
+    if not _print_human(tool, current, None):
         return 1
-    if as_json:
-        tool.out("]\n")
     return 0
 
 
@@ -174,13 +173,11 @@ def _json_template(depth: int, present: bool, zero: bool, data: bool,
 
 
 def _json_from_engine(tool: ImgTool, node: Any, start: int, end: int) -> int:
-    """JSON output from the engine's merged entries (BlockNode.map does QEMU's
-    merging, and in bulk): each entry printed as soon as the next is known."""
+    """JSON output from the engine's merged entries (BlockNode.map_runs does
+    QEMU's merging, and in bulk): each entry printed once the next is known."""
     import imgengine
 
-    runs = node.map_runs(start, end - start) if hasattr(node, "map_runs") else \
-        ((e.start, e.length, e.depth, e.present, e.zero, e.data, e.offset, e.filename)
-         for e in node.map(start, end - start))
+    runs = node.map_runs(start, end - start)
     # Templates by (depth, present, zero, data), for entries without and with
     # a host offset.
     plain: dict[tuple[int, bool, bool, bool], bytes] = {}
@@ -226,11 +223,8 @@ def _out_lines(tool: ImgTool, data: bytes) -> None:
     tool.console.out_bytes(data[-1:])
 
 
-def _print(tool: ImgTool, as_json: bool, entry: Entry, following: Entry | None) -> bool:
-    """dump_map_entry; False after QEMU's error for data it cannot locate."""
-    if as_json:
-        tool.out(_json(entry) + (",\n" if following is not None else ""))
-        return True
+def _print_human(tool: ImgTool, entry: Entry, following: Entry | None) -> bool:
+    """dump_map_entry, human; False after QEMU's error for data it cannot locate."""
     if entry.data and entry.offset is None:
         tool.error("File contains external, encrypted or compressed clusters.")
         return False

@@ -49,20 +49,25 @@ def test_single_layer_map_matches_general_walk(data):
                                    label="length") * 512
                 kind = data.draw(st.sampled_from(["write", "zero", "zero-unmap", "discard",
                                                   "compressed"]), label="kind")
-                if kind == "write":
-                    node.write(offset, b"\x5a" * length)
-                elif kind == "zero":
-                    node.write_zeroes(offset, length)
-                elif kind == "zero-unmap":
-                    node.write_zeroes(offset, length, may_unmap=True)
-                elif kind == "discard":
-                    node.discard(offset, length)
-                elif offset // cluster < clusters:
-                    start = offset // cluster * cluster
-                    try:
+                try:
+                    if kind == "write":
+                        node.write(offset, b"\x5a" * length)
+                    elif kind == "zero":
+                        node.write_zeroes(offset, length)
+                    elif kind == "zero-unmap":
+                        node.write_zeroes(offset, length, may_unmap=True)
+                    elif kind == "discard":
+                        node.discard(offset, length)
+                    elif offset // cluster < clusters:
+                        start = offset // cluster * cluster
                         node.write_compressed(start, b"\x11" * 512 + bytes(cluster - 512))
-                    except ImageError:
-                        pass    # an allocated cluster cannot be written compressed
+                except ImageError:
+                    # An allocated cluster cannot be written compressed; and a
+                    # compressed write that needs a new L2 table can trip the
+                    # overlap check and mark the image corrupt, as in QEMU 7.2
+                    # (no more writes then). What is on disk is mapped anyway.
+                    if node.driver.broken:
+                        break
         with open_image(path, read_only=True) as node:
             ranges = [(0, size)] + [
                 (start, data.draw(st.integers(0, size), label="range length"))
