@@ -310,6 +310,11 @@ def _read_checked(session: IoSession, offset: int, count: int, pattern: int | No
     try:
         if count == 0:
             read(offset, 0)
+        elif not vmstate and offset + count > node.length():
+            # A request reaching past the end fails whole before any data is
+            # read (a piece read first would leave pages in the host's cache,
+            # which changes what SEEK_DATA reports for preallocated ranges).
+            read(offset + count, 0)
         for piece_offset, piece_length in chunks(offset, count):
             if buffer is not None:
                 data: bytes | memoryview = buffer[:piece_length]
