@@ -46,6 +46,12 @@ ZERO_ALLOC = 3
 NORMAL = 4
 COMPRESSED = 5
 
+# The bits of a standard L2 entry that decide its type (cluster_type): an
+# entry with none of them is unallocated (COPIED or reserved bits alone do
+# not allocate), one with only the zero flag among them is a plain zero
+# cluster. The bulk walks test entries against this mask directly.
+L2E_TYPE_BITS = OFLAG_ZERO | L2E_OFFSET_MASK | OFLAG_COMPRESSED
+
 INT_MAX = 0x7FFFFFFF
 REQUEST_MAX_BYTES = (INT_MAX >> 9) << 9
 INVALID_OFFSET = -1
@@ -182,11 +188,7 @@ class ClusterMapping:
         slice_entries = self.l2_slice_size
         v2 = self.qcow_version < 3
         offset_mask = L2E_OFFSET_MASK
-        # A plain zero cluster has the zero flag, no host offset and is not compressed.
-        plain_zero_mask = OFLAG_ZERO | L2E_OFFSET_MASK | OFLAG_COMPRESSED
-        # an entry with none of these bits is unallocated (COPIED or reserved
-        # bits alone do not allocate), the same bits tell a plain zero cluster
-        allocated_mask = plain_zero_mask
+        type_bits = L2E_TYPE_BITS
         pos = start
         while pos < end:
             l1_index = pos >> l2_span_bits
@@ -217,10 +219,8 @@ class ClusterMapping:
                 while i < stop:
                     entry = table[i]
                     j = i + 1
-                    if not entry & allocated_mask:
-                        # (no offset and no flag that allocates: unallocated,
-                        # whatever else is set, as cluster_type says)
-                        while j < stop and not table[j] & allocated_mask:
+                    if not entry & type_bits:
+                        while j < stop and not table[j] & type_bits:
                             j += 1
                         flags = 0
                         host = None
@@ -240,9 +240,9 @@ class ClusterMapping:
                         host += run_start - base - (i << cb)
                         flags = data_flags
                         run_file = file
-                    elif entry & plain_zero_mask == OFLAG_ZERO and not v2:
+                    elif entry & type_bits == OFLAG_ZERO and not v2:
                         # Plain zero clusters (ZERO_PLAIN), without calls.
-                        while j < stop and table[j] & plain_zero_mask == OFLAG_ZERO:
+                        while j < stop and table[j] & type_bits == OFLAG_ZERO:
                             j += 1
                         flags = ZERO
                         host = None
@@ -305,10 +305,7 @@ class ClusterMapping:
         slice_entries = self.l2_slice_size
         offset_mask = L2E_OFFSET_MASK
         compressed_or_zero = OFLAG_COMPRESSED | OFLAG_ZERO
-        plain_zero_mask = OFLAG_ZERO | L2E_OFFSET_MASK | OFLAG_COMPRESSED
-        # an entry with none of these bits is unallocated (COPIED or reserved
-        # bits alone do not allocate), the same bits tell a plain zero cluster
-        allocated_mask = plain_zero_mask
+        type_bits = L2E_TYPE_BITS
         c_start = start
         c_kind = -1
         c_host: int | None = None
@@ -339,7 +336,7 @@ class ClusterMapping:
                 # the first (maybe mid-cluster), cluster starts after it
                 guest = pos
                 for entry in table[first:stop]:
-                    if not entry & allocated_mask:
+                    if not entry & type_bits:
                         kind = 0
                         host = None
                     elif not entry & compressed_or_zero:
@@ -349,7 +346,7 @@ class ClusterMapping:
                                                     (guest >> cb) & (slice_entries - 1))
                         host += guest & in_cluster
                         kind = data_kind
-                    elif entry & plain_zero_mask == OFLAG_ZERO:
+                    elif entry & type_bits == OFLAG_ZERO:
                         kind = ZERO
                         host = None
                     elif entry & OFLAG_COMPRESSED:
