@@ -21,43 +21,33 @@ TYPE_CHECKING = False  # typing itself costs start-up time
 if TYPE_CHECKING:
     from typing import Any
 
+    from imgengine import MapEntry
+
 START_OFFSET = LongOption("start-offset", REQUIRED_ARGUMENT, "s")
 MAX_LENGTH = LongOption("max-length", REQUIRED_ARGUMENT, "l")
 
 
-class Entry:
-    """One entry of the map being printed (QEMU's MapEntry)."""
+def _continues(entry: MapEntry, other: MapEntry) -> bool:
+    """entry_mergeable: does other carry on where entry ends?"""
+    if entry.length == 0:
+        return False
+    if (entry.zero, entry.data, entry.depth, entry.present) != \
+            (other.zero, other.data, other.depth, other.present):
+        return False
+    if (entry.filename is None) != (other.filename is None):
+        return False
+    if (entry.offset is None) != (other.offset is None):
+        return False
+    if entry.filename is not None and entry.filename != other.filename:
+        return False
+    if entry.offset is not None and entry.offset + entry.length != other.offset:
+        return False
+    return True
 
-    __slots__ = ("start", "length", "depth", "present", "zero", "data", "offset", "filename")
 
-    def __init__(self, start: int, length: int, depth: int = 0, present: bool = False,
-                 zero: bool = False, data: bool = False, offset: int | None = None,
-                 filename: str | None = None) -> None:
-        self.start = start
-        self.length = length
-        self.depth = depth
-        self.present = present
-        self.zero = zero
-        self.data = data
-        self.offset = offset
-        self.filename = filename
-
-    def continued_by(self, other: Entry) -> bool:
-        """entry_mergeable: does other carry on where this entry ends?"""
-        if self.length == 0:
-            return False
-        if (self.zero, self.data, self.depth, self.present) != \
-                (other.zero, other.data, other.depth, other.present):
-            return False
-        if (self.filename is None) != (other.filename is None):
-            return False
-        if (self.offset is None) != (other.offset is None):
-            return False
-        if self.filename is not None and self.filename != other.filename:
-            return False
-        if self.offset is not None and self.offset + self.length != other.offset:
-            return False
-        return True
+def _empty(start: int) -> MapEntry:
+    import imgengine
+    return imgengine.MapEntry(start, 0, 0, False, False, False, None)
 
 
 def _hex(value: int) -> str:
@@ -66,7 +56,7 @@ def _hex(value: int) -> str:
     return text.ljust(16)
 
 
-def _json(entry: Entry) -> str:
+def _json(entry: MapEntry) -> str:
     text = ('{ "start": %d, "length": %d, "depth": %d, "present": %s, "zero": %s, "data": %s'
             % (entry.start, entry.length, entry.depth, _bool(entry.present),
                _bool(entry.zero), _bool(entry.data)))
@@ -130,19 +120,17 @@ def _walk(tool: ImgTool, node: object, filename: str, as_json: bool, start_offse
     if as_json:
         return _json_from_engine(tool, node, start_offset, length)
 
-    current = Entry(start_offset, 0)
+    current = _empty(start_offset)
     while current.start + current.length < length:
         offset = current.start + current.length
         try:
-            step = node.map_entry(offset, length - offset)  # type: ignore[attr-defined]
+            # a new entry each step: printing may rewrite its flags
+            following = node.map_entry(offset, length - offset)  # type: ignore[attr-defined]
         except (imgengine.ImageError, OSError) as error:
             tool.notice(error)
             tool.error(f"Could not read file metadata: {_strerror(error)}")
             return 1
-        following = Entry(step.start, step.length, step.depth, bool(step.present),
-                          bool(step.zero), bool(step.data), step.offset,
-                          step.filename if step.offset is not None else None)
-        if current.continued_by(following):
+        if _continues(current, following):
             current.length += following.length
             continue
         if current.length > 0 and not _print_human(tool, current, following):
@@ -209,7 +197,7 @@ def _json_from_engine(tool: ImgTool, node: Any, start: int, end: int) -> int:
         tool.error(f"Could not read file metadata: {_strerror(error)}")
         return 1
     if not lines:
-        lines.append(_json(Entry(start, 0)).encode())
+        lines.append(_json(_empty(start)).encode())
     _out_lines(tool, b",\n".join(lines) + b"]\n")
     return 0
 
@@ -223,7 +211,7 @@ def _out_lines(tool: ImgTool, data: bytes) -> None:
     tool.console.out_bytes(data[-1:])
 
 
-def _print_human(tool: ImgTool, entry: Entry, following: Entry | None) -> bool:
+def _print_human(tool: ImgTool, entry: MapEntry, following: MapEntry | None) -> bool:
     """dump_map_entry, human; False after QEMU's error for data it cannot locate."""
     if entry.data and entry.offset is None:
         tool.error("File contains external, encrypted or compressed clusters.")
